@@ -203,6 +203,49 @@ def test_peft_s_bias_key_is_not_pointed_at_lora_bias(tmp_path):
     assert "Did you mean" not in message
 
 
+# Other tools' keys that are no spelling of one here: (line of RECIPE it follows, the line added, what is said).
+FOREIGN_KEYS = [
+    ("  lr:", "  bf16: true", "unknown key 'bf16' in training. transformers' `bf16: true` is training's "
+     "`mixed_precision: bf16` here."),  # (no suggestion)
+    ("  lr:", "  per_device_eval_batch_size: 4", "unknown key 'per_device_eval_batch_size' in training. The "
+     "evaluation's batch size is eval's `batch_size` (eval: {batch_size: N})."),  # (was: Did you mean 'batch_size'?)
+    ("  lr:", "  load_best_model_at_end: true", "unknown key 'load_best_model_at_end' in training. `export.best: true` "
+     "exports the adapter of the best evaluation instead of the last."),
+    ("  dtype:", "  load_in_4bit: true", "unknown key 'load_in_4bit' in model. A 4-bit base is a `quantization:` "
+     "section (top level: method nf4, double_quant ...)."),
+    ("  lr:", "  wandb_project: x", "unknown key 'wandb_project' in training. The W&B project is the run directory's "
+     "name"),  # (was: Did you mean 'nan_policy'?)
+    ("training:", "learning_rate: 2.0e-4", "unknown key 'learning_rate' in the recipe: it is training's 'lr' here; "
+     "write it under 'training:' as 'lr'."),  # axolotl's flat recipe (no suggestion)
+    ("training:", "base_model: acme/tiny", "unknown key 'base_model' in the recipe: it is model's 'name_or_path' "
+     "here; write it under 'model:' as 'name_or_path'."),  # (was: "it is a key of 'eval:'", eval's base_model a bool)
+    ("  lr:", "  sequence_len: 256", "unknown key 'sequence_len' in training: it is data's 'max_length' here; write "
+     "it under 'data:' as 'max_length'."),
+]
+
+
+@pytest.mark.parametrize(("after", "added", "said"), FOREIGN_KEYS, ids=[f[1].split(":")[0].strip() for f in FOREIGN_KEYS])
+def test_other_tools_keys_are_pointed_at_what_they_are_here(tmp_path, after, added, said):
+    """transformers', axolotl's and W&B's names that no spelling rule maps (`bf16`, `load_in_4bit`), that the
+    closest spelling mapped wrong (`per_device_eval_batch_size` to training's batch_size), or that belong to another
+    section here (axolotl's flat `learning_rate` at the top level) say what to write instead."""
+    lines = RECIPE.splitlines(keepends=True)
+    i = _line(RECIPE, after) - 1
+    lines.insert(i + 1 if added.startswith(" ") else i, f"{added}\n")  # (a top-level key: before the section)
+    text = "".join(lines)
+    message = _error(_write(tmp_path, text))
+    assert f"my-recipe.yaml:{_line(text, added)}: {said}" in message, message
+    assert "Did you mean" not in message
+
+
+def test_report_to_takes_one_tracker_as_transformers_does(tmp_path):
+    """`report_to: wandb` (transformers' TrainingArguments' form) was "must be a valid list": a list of one; `none`
+    is none."""
+    for value, trackers in (("tensorboard", ["tensorboard"]), ("none", [])):
+        text = RECIPE.replace("training:\n", f"training:\n  report_to: {value}\n")
+        assert load_recipe(_write(tmp_path, text)).training.report_to == trackers
+
+
 def test_unknown_key_far_from_any_valid_one_lists_the_valid_keys(tmp_path):
     text = RECIPE.replace("  dropout: 0.0\n", "  dropout: 0.0\n  zzzz: 1\n")
     message = _error(_write(tmp_path, text))

@@ -83,6 +83,19 @@ def _home_sections(key: str, section: tuple, data: Any, value: Any = None) -> li
     return [name for name, model in homes.items() if _takes(name, model, key, value)] or list(homes)
 
 
+def _synonym_home(key: str, section: tuple, data: Any, value: Any = None) -> tuple[str, str] | None:
+    """Another tool's name (`_SYNONYMS`) for a key of another top-level section here that would take `value`
+    (axolotl's flat `learning_rate: 2e-4` at the top: training's `lr`; `sequence_len` in training: data's
+    `max_length`): (that section, our key); else None."""
+    ours = _SYNONYMS.get(key.lower().replace("-", "_"), ())
+    for name in (ours,) if isinstance(ours, str) else ours:
+        for home in Recipe.model_fields:
+            model = _section_model((home,), data) if (home,) != tuple(section) else None
+            if model is not None and name in model.model_fields and _takes(home, model, name, value):
+                return home, name
+    return None
+
+
 def _plain_value(raw: str) -> Any:
     try:
         return yaml.safe_load(raw)
@@ -109,6 +122,32 @@ _SYNONYMS = {
     "bnb_4bit_quant_type": "method", "bnb_4bit_use_double_quant": "double_quant",
     "bnb_4bit_compute_dtype": "compute_dtype", "bnb_4bit_quant_storage": "quant_storage",
     "type": ("method", "format"),  # peft's config's (an adapter's method), axolotl's dataset entry's (its format)
+    "logging_steps": "log_steps",
+}
+
+# transformers', axolotl's and peft's keys that are another section's here, or a value of a key, or no setting at
+# all: what to write instead, in whichever section they were written (a spelling match would mislead: transformers'
+# `per_device_eval_batch_size` in training is not training's `batch_size`).
+_FOREIGN = {
+    "bf16": " transformers' `bf16: true` is training's `mixed_precision: bf16` here.",
+    "fp16": " transformers' `fp16: true` is training's `mixed_precision: fp16` here.",
+    "per_device_eval_batch_size": " The evaluation's batch size is eval's `batch_size` (eval: {batch_size: N}).",
+    "eval_batch_size": " The evaluation's batch size is eval's `batch_size` (eval: {batch_size: N}).",
+    "evaluation_strategy": " peftkit evaluates every training.eval_steps steps (and at the end) where data.eval is set.",
+    "eval_strategy": " peftkit evaluates every training.eval_steps steps (and at the end) where data.eval is set.",
+    "save_strategy": " peftkit checkpoints every training.save_steps steps.",
+    "load_best_model_at_end": " `export.best: true` exports the adapter of the best evaluation instead of the last.",
+    "metric_for_best_model": " `export.best: METRIC` picks the best evaluation by METRIC (loss, exact_match, ...).",
+    "load_in_4bit": " A 4-bit base is a `quantization:` section (top level: method nf4, double_quant ...).",
+    "load_in_8bit": " An 8-bit base is a `quantization:` section with `method: int8` (top level).",
+    "lora_target_linear": " axolotl's `lora_target_linear: true` is adapter's `target_modules: all-linear` here.",
+    "task_type": " peft's `task_type` is the model's `task` here (causal_lm by default, or sequence_classification).",
+    "dataset": " The training data is data's `train` (a file, a hub id, or a list of them).",
+    "datasets": " The training data is data's `train` (a file, a hub id, or a list of them).",
+    "early_stopping_patience": " Early stopping is training's `early_stopping: {patience: N}` (metric, mode too).",
+    "flash_attention": " axolotl's `flash_attention: true` is model's `attn_implementation: flash_attention_2` here.",
+    "wandb_project": " The W&B project is the run directory's name (export.output_dir's last part); training's "
+                     "`report_to: [wandb]` turns W&B on.",
 }
 
 # peft keys whose closest name here is another setting: what they are, not a pointer to that setting.
@@ -141,6 +180,8 @@ def _suggest(key: str, valid: list[str]) -> str:
     normal = key.lower().replace("-", "_")  # `Batch-Size` is `batch_size` written another way
     if note := next((n for (theirs, ours), n in _NOT_OURS.items() if normal == theirs and ours in valid), None):
         return note
+    if normal in _FOREIGN:
+        return _FOREIGN[normal]
     for name in (key, normal):
         ours = _SYNONYMS.get(name, ())
         if meant := next((k for k in ((ours,) if isinstance(ours, str) else ours) if k in valid), None):

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from peftkit.methods import METHODS
 from peftkit.recipe.keys import (_all_fields, _home_sections, _members, _method_without, _plain_value,
-                                 _section_model, _suggest, _valid_keys)
+                                 _section_model, _suggest, _synonym_home, _valid_keys)
 from peftkit.recipe.schema import Recipe
 
 def _data_loc(loc: tuple, data: Any) -> tuple:
@@ -127,6 +127,10 @@ def _key_message(err: dict, loc: tuple, data: dict) -> str:
                 f"{', '.join(_valid_keys(section_loc, data))}.")
     valid = _valid_keys(loc[:-1], data)
     section = _dotted(loc[:-1]) or "the recipe"
+    if len(loc) <= 2 and (moved := _synonym_home(str(loc[-1]), loc[:-1], data, _value_at(data, loc))) \
+            and moved[1] not in valid:
+        return (f"unknown key '{loc[-1]}' in {section}: it is {moved[0]}'s '{moved[1]}' here; write it under "
+                f"'{moved[0]}:' as '{moved[1]}'.")
     if len(loc) <= 2 and (homes := _home_sections(str(loc[-1]), loc[:-1], data, _value_at(data, loc))):
         return (f"unknown key '{loc[-1]}' in {section}: it is a key of " + " and of ".join(f"'{h}:'" for h in homes)
                 + ("; move it there." if len(homes) == 1 else "; move it under the one you mean."))

@@ -174,6 +174,12 @@ class TrainingConfig(Section):
     record). Each needs its package (`pip install tensorboard`, `wandb`, `mlflow`); tensorboard and mlflow
     write under <output_dir>/trackers/, wandb runs offline unless WANDB_MODE says otherwise."""
 
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker(cls, value: Any) -> Any:
+        """`report_to: wandb`, one tracker as transformers' TrainingArguments take it: a list of one; `none`: none."""
+        return ([] if value == "none" else [value]) if isinstance(value, str) else value
+
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainingConfig:
         if self.warmup_steps and self.warmup_ratio:
