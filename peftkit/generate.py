@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import warnings
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ from peftkit.adapters.arrow import ArrowSettings
 from peftkit.data.checks import guard_token_ids
 from peftkit.data.prompts import Prompt, chat_prompt, load_prompts, text_prompt
 from peftkit.decoding import Sampling, generate_texts
-from peftkit.errors import PeftkitError
+from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.inference import ModelSource, check_choices, hub_data_flags, model_source
 from peftkit.recipe import DataConfig
 from peftkit.task_ids import adapter_task_count, with_tasks
@@ -83,6 +84,10 @@ def generate_job(recipe: Path | None, overrides: list[str], model: str | None, a
                            "rows are rendered with the chat template already). Drop --chat, or give --prompt TEXT.")
     check_choices(fmt, None)
     source, cfg = model_source(recipe, overrides, model, adapter, trust_remote_code, "generate")
+    if prompts and not chat and cfg is not None and cfg.data.format == "chat":  # (an instruct model: often EOS at once)
+        warnings.warn(f"{recipe} trains on conversations (data.format: chat), and --prompt is used as given, outside "
+                      "the chat template: pass --chat to give it as a user turn, as training's prompts were.",
+                      PeftkitWarning, stacklevel=2)
     job = GenerateJob(source=source, prompts=prompts, chat=chat, limit=limit, sampling=sampling, batch_size=batch_size,
                       task=task, adapters=adapters, route=route, arrow=arrow, general=list(general or []))
     if cfg is not None:

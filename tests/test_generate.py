@@ -695,3 +695,31 @@ def test_flags_that_do_not_apply_to_the_prompts_are_refused(tiny_llama, number_d
     err = " ".join(cli_user_error(monkeypatch, capsys, "generate", "--model", str(tiny_llama), "--prompt", "hi",
                                   "--format", "chat").split())
     assert "--format chat says how --data rows (or a run's data.eval) are read; --prompt is used as given" in err
+
+
+def test_a_chat_run_s_prompt_given_as_is_is_warned_and_an_empty_answer_said(tiny_llama, number_data, tmp_path,
+                                                                            monkeypatch, capsys):
+    """`peftkit generate RUN --prompt TEXT` of a run trained on conversations gives TEXT as is, outside the chat
+    template: SmolLM2-135M-Instruct's LoRA run answered nothing (its first token an end of turn), and the screen
+    showed the prompt alone, as if the command had failed. A warning says to pass --chat, and an empty answer is
+    said to be one."""
+    import sys
+
+    from peftkit.cli import main
+
+    silent = tmp_path / "silent"  # every logit 0: greedy takes id 0, <pad>, which decodes to nothing
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    model.save_pretrained(silent)
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(silent)
+    recipe = make_recipe(tmp_path, silent, number_data)
+    for extra, warned in (([], True), (["--chat"], False), (["--set", "data.format=alpaca"], False)):
+        monkeypatch.setattr(sys, "argv", ["peftkit", "generate", str(recipe), "--set", "data.format=chat",
+                                          "--prompt", "hi", "--max-new-tokens", "2", *extra])
+        main()
+        out, err = capsys.readouterr()
+        assert ("warning: " + f"{recipe} trains on conversations (data.format: chat), and --prompt is used as given, "
+                "outside the chat template: pass --chat to give it as a user turn, as training's prompts were."
+                in " ".join(err.split())) is warned, err
+        assert "(an empty answer)" in out, out

@@ -248,7 +248,8 @@ def generate(
 
     def show(prompts, completions) -> None:
         for p, c in zip(prompts, completions, strict=True):
-            console.print(Text.assemble((visible(p.text), "dim"), visible(c)), highlight=False)  # no markup in Text
+            console.print(Text.assemble((visible(p.text), "dim"), visible(c) or ("(an empty answer)",
+                                                                                "italic")), highlight=False)  # no markup
             console.rule(style="dim", characters="─" if console.encoding.startswith("utf") else "-")
 
     results = run_generate(job, on_batch=None if json_out else show)
