@@ -612,7 +612,7 @@ def test_trust_remote_code_flag_reaches_the_model_given_with_model():
 
 def test_an_adapter_flag_that_names_a_model_or_a_run_is_a_clear_error(tiny_llama, tmp_path, monkeypatch, capsys):
     """eval, generate and chat read the adapter's task count before loading: a model or run directory given as
-    --adapter was a FileNotFoundError traceback there (exit 1)."""
+    --adapter was a FileNotFoundError traceback there (exit 1). A run directory is read as its adapter/ now."""
     err = cli_user_error(monkeypatch, capsys, "generate", "--model", str(tiny_llama), "--adapter", str(tiny_llama),
                          "--prompt", "hi")
     assert f"{tiny_llama} is not a PEFT adapter directory: it has no adapter_config.json. It holds a full model" in err
@@ -621,7 +621,7 @@ def test_an_adapter_flag_that_names_a_model_or_a_run_is_a_clear_error(tiny_llama
     (run / "adapter" / "adapter_config.json").write_text("{}")
     err = cli_user_error(monkeypatch, capsys, "generate", "--model", str(tiny_llama), "--adapter", str(run),
                          "--prompt", "hi")
-    assert f"It is a training run's directory: its adapter is {run / 'adapter'}." in err
+    assert f"error: {run / 'adapter'} has no adapter_model.safetensors." in err  # (a run: read as its adapter/)
 
 
 @pytest.mark.parametrize(("fmt", "rows"), [("alpaca", [{"instruction": "Say hi."}, {"instruction": "Add", "input": "2+2"}]),

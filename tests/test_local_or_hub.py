@@ -170,3 +170,28 @@ def test_a_missing_local_data_directory_is_refused_before_the_hub_is_asked(tiny_
     monkeypatch.setattr(config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
     (tmp_path / "datasets-cache" / "data___numbers-saved").mkdir(parents=True)
     assert not meant_locally("data/numbers-saved", kind="dataset") and meant_locally("data/numbers-saved")
+
+
+def test_a_run_directory_given_as_adapter_is_its_adapter(tiny_llama, number_data, tmp_path, monkeypatch, capsys):
+    """`--adapter RUN_DIR` (eval, generate, chat, merge) was refused ("It is a training run's directory: its adapter
+    is RUN_DIR/adapter"), though `eval RUN_DIR`, `generate RUN_DIR`, `inspect RUN_DIR` and `push RUN_DIR` take a run,
+    and the missing-path error lists "a run directory" among what --adapter takes: it is the run's adapter/."""
+    import sys
+
+    from safetensors.torch import load_file
+
+    from peftkit.cli import main
+
+    run = tmp_path / "run"
+    save_peft_lora(tiny_llama, run / "adapter", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    (run / "recipe.yaml").write_text("model: {name_or_path: x}\n")
+    said = []
+    for adapter in (run, run / "adapter"):
+        for args in (["eval", "--model", str(tiny_llama), "--data", str(number_data["eval"])],
+                     ["merge", "--output", str(tmp_path / f"merged-{adapter.name}")]):
+            monkeypatch.setattr(sys, "argv", ["peftkit", *args, "--adapter", str(adapter)])
+            main()
+            said.append(capsys.readouterr().out.split("\n")[0])
+    assert said[0] == said[2] and said[0].startswith("loss "), said
+    merged = [load_file(tmp_path / f"merged-{name}" / "model.safetensors") for name in ("run", "adapter")]
+    assert merged[0].keys() == merged[1].keys() and all(merged[0][k].equal(merged[1][k]) for k in merged[0])

@@ -344,11 +344,8 @@ def inspect_cmd(
 
     from peftkit.inspect import inspect_adapter
     from peftkit.inspect_text import describe
-    from peftkit.peft_format import CONFIG_NAME
 
-    path = Path(adapter_path(adapter_dir, adapter_dir))  # (a str: typer's Path drops the `./` of `./x`)
-    if not (path / CONFIG_NAME).exists() and (path / "adapter" / CONFIG_NAME).is_file():
-        path = path / "adapter"  # a run directory, as eval, generate, merge and push take one: its adapter
+    path = Path(adapter_path(adapter_dir, adapter_dir))  # (a str: typer's Path drops the `./` of `./x`; a run: its adapter/)
     info = inspect_adapter(path)
     if as_json:
         print(json.dumps(info, indent=2))

@@ -120,7 +120,7 @@ def model_path(value: str | None, flag: str = "--model") -> str | None:
 
 
 def adapter_path(value: str, given: str | None = None) -> str:
-    """An --adapter value: a local directory (`local_path`), else a hub adapter fetched into the Hugging Face cache
+    """An --adapter value: a local directory (`local_path`; a run directory's adapter/: `run_adapter`), else a hub adapter fetched into the Hugging Face cache
     (`peftkit.hub`: `user/name[@REVISION]`). A missing path that is no hub id (`./x/`, `a..b/c`), or one shaped as a
     hub id that can only be a local path (`runs/x` where runs/ is a directory here: `peftkit.local_or_hub`), is
     refused at once, not asked of the hub; `given`: how the error names it (default `--adapter VALUE`)."""
@@ -129,12 +129,23 @@ def adapter_path(value: str, given: str | None = None) -> str:
 
     local = local_path(value)
     if Path(local).exists():
-        return local
+        return run_adapter(local)
     if not hub_shaped(value) or meant_locally(value, subfolders=True):  # (`./x/`, `a..b/c`: no hub id either)
         raise no_such_directory(value, given or f"--adapter {value}", "an adapter's directory (adapter_config.json), "
                                 "a run directory, or a hub id user/name[@REV]")
 
     return hub_adapter(value) or local
+
+
+def run_adapter(path: str) -> str:
+    """A training run's directory (no adapter_config.json; its exported adapter/ holding one) as its adapter/, which
+    `--adapter RUN_DIR` means (as `eval RUN_DIR`, `generate RUN_DIR` and `push RUN_DIR` read it); else `path`."""
+    from peftkit.peft_format import CONFIG_NAME
+
+    run = Path(path)
+    if run.is_dir() and not (run / CONFIG_NAME).exists() and (run / "adapter" / CONFIG_NAME).is_file():
+        return str(run / "adapter")
+    return path
 
 
 def user_path(path: Path | None) -> Path | None:
