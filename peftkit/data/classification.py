@@ -3,7 +3,8 @@
 
 Labels are class names (strings) or class ids (integers >= 0); one dataset uses one kind. The classes are fixed
 by data.train: integer labels are their own ids (0 .. model.num_labels - 1, or up to the largest label seen),
-string labels are numbered in sorted order. That `LabelSet` becomes the model config's `id2label`/`label2id` and
+string labels are numbered in sorted order, and a `datasets` ClassLabel column's ids are its names, in its order
+(`peftkit.data.class_labels`). That `LabelSet` becomes the model config's `id2label`/`label2id` and
 is saved with the adapter (peftkit.json `labels`), so evaluation maps labels to the same ids; an eval row whose
 label is not one of them is an error naming its row.
 """
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from peftkit.data.bad_rows import bad_rows_fix, usable_row
+from peftkit.data.class_labels import ClassId, declared_classes
 from peftkit.data.examples import Example, row_location
 from peftkit.data.sources import read_rows
 from peftkit.errors import PeftkitError
@@ -32,14 +34,20 @@ class LabelSet:
 
     @classmethod
     def from_rows(cls, rows: list[tuple[str, dict]], num_labels: int | None, source: str) -> LabelSet:
-        """The classes of data.train's usable rows (`(location, row)` pairs), checked against model.num_labels."""
-        ints = [(where, r["label"]) for where, r in rows if isinstance(r["label"], int)]
-        strings = sorted({r["label"] for _, r in rows if isinstance(r["label"], str)})
+        """The classes of data.train's usable rows (`(location, row)` pairs), checked against model.num_labels; a
+        ClassLabel column's names where the rows carry one (`_declared`)."""
+        labels = [(where, r["label"]) for where, r in rows]
+        declared = declared_classes(labels, source)
+        labels = [(where, label.name if isinstance(label, ClassId) else label) for where, label in labels]
+        ints = [(where, label) for where, label in labels if isinstance(label, int)]
+        strings = sorted({label for _, label in labels if isinstance(label, str)})
         if ints and strings:
             raise PeftkitError(
                 f"{source}: labels mix integers ({ints[0][0]}: {ints[0][1]}) and strings ({strings[0]!r}); use class "
                 "names everywhere or class ids everywhere."
             )
+        if declared is not None:
+            return cls._declared(declared, labels, num_labels, source)
         if strings:
             if len(strings) < 2:
                 raise PeftkitError(f"{source}: every label is {strings[0]!r}, so there is only one class; a classifier "
@@ -60,6 +68,24 @@ class LabelSet:
         return cls(tuple(str(i) for i in range(n)))
 
     @classmethod
+    def _declared(cls, names: tuple[str, ...], labels: list[tuple[str, str]], num_labels: int | None,
+                  source: str) -> LabelSet:
+        """The classes a ClassLabel column names, in its order, those no row uses too (a head's output each: a
+        dataset's declared classes), checked against model.num_labels and against the string labels of a mix's
+        other datasets (`labels`: (location, class name) of each row)."""
+        if other := next(((where, label) for where, label in labels if label not in names), None):
+            raise PeftkitError(f"{other[0]}: label {other[1]!r} is not one of the names of {source}'s ClassLabel "
+                               f"({', '.join(names)}), which are the classes; fix the row, or give the classes one name.")
+        if len(names) < 2:
+            raise PeftkitError(f"{source}: its ClassLabel names one class ({', '.join(names)}); a classifier needs at "
+                               "least 2.")
+        if num_labels is not None and num_labels != len(names):
+            raise PeftkitError(f"model.num_labels is {num_labels}, but {source}'s label column is a ClassLabel of "
+                               f"{len(names)} classes ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''}). "
+                               "Remove model.num_labels (it is read from the data), or fix the labels.")
+        return cls(names)
+
+    @classmethod
     def from_config(cls, config) -> LabelSet:
         """The classes a model config's `id2label` names (transformers' `LABEL_0` ... when none were given)."""
         return cls(tuple(config.id2label[i] for i in range(config.num_labels)))
@@ -69,7 +95,13 @@ class LabelSet:
 
         An integer is the class its digits name when there is one (classes named "1", "2", "3" from one file's
         string labels, and 1, 2, 3 in a CSV that reads them as integers: 1 is "1", not id 1, "2"), else a class id
-        unless some class name is an integer's digits, where an id would be read as the wrong name."""
+        unless some class name is an integer's digits, where an id would be read as the wrong name. A ClassLabel
+        column's id is the class of its name (an eval set's ClassLabel may order the names otherwise), or its id where
+        the classes have no names of their own (`0`, `1` or transformers' `LABEL_0`: a model trained on the ids)."""
+        if isinstance(label, ClassId):
+            if label.name in self.names or not self.placeholders:
+                return self._named(label, where)
+            label = int(label)
         if isinstance(label, int) and str(label) in self.names:
             return self.names.index(str(label))
         ids = not any(_INTEGER.fullmatch(n) for n in self.names)
@@ -83,6 +115,23 @@ class LabelSet:
             f"{f'; or their ids 0-{len(self.names) - 1}' if ids else ''}). Fix the row, or train with data that has "
             "this class."
         )
+
+    def _named(self, label: ClassId, where: str) -> int:
+        """The class id of a ClassLabel column's label, by its name."""
+        if label.name in self.names:
+            return self.names.index(label.name)
+        shown = ", ".join(self.names[:8]) + (", ..." if len(self.names) > 8 else "")
+        raise PeftkitError(
+            f"{where}: label {label.name!r} (id {int(label)} of its ClassLabel: {', '.join(label.names[:8])}"
+            f"{', ...' if len(label.names) > 8 else ''}) is not one of the {len(self.names)} classes the model was "
+            f"trained on ({shown}); a ClassLabel's ids are read as its names. Name the classes as the model does "
+            "(datasets' Dataset.align_labels_with_mapping, or cast_column), or train with data that has this class."
+        )
+
+    @property
+    def placeholders(self) -> bool:
+        """Whether the class names only number the classes: `0`, `1`, ... or transformers' `LABEL_0`, ..."""
+        return all(name in (str(i), f"LABEL_{i}") for i, name in enumerate(self.names))
 
     @property
     def id2label(self) -> dict[int, str]:

@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import re
 
+from peftkit.data.class_labels import ClassId
+from peftkit.data.class_labels import label_problem as class_label_problem
+
 REQUIRED_FIELDS = {"alpaca": ("instruction", "output"), "chat": ("messages",), "completion": ("prompt", "completion"),
                    "text": ("text",), "classification": ("text", "label"), "preference": ("chosen", "rejected"),
                    "unpaired": ("prompt", "completion", "label"), "tokenized": ("input_ids",)}
@@ -346,9 +349,12 @@ def sharegpt_words(text: str, row: dict) -> str:
 
 
 def _label_problem(label: object) -> str | None:
-    """A classification label is a class name (string) or a class id (integer >= 0)."""
+    """A classification label is a class name (string) or a class id (integer >= 0), or a ClassLabel column's id of
+    one of its names."""
     if isinstance(label, bool) or not isinstance(label, (str, int)):
         return f"field 'label' must be a string or an integer, got {type(label).__name__}"
+    if isinstance(label, ClassId):
+        return class_label_problem(label)
     if isinstance(label, int) and label < 0:
         return f"field 'label' is {label}; an integer label is a class id, 0 or more"
     if isinstance(label, str) and not label.strip():

@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+from peftkit.data.class_labels import with_class_ids
 from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.recipe import DATA_EXTENSIONS, is_hub_dataset
 
@@ -233,7 +234,7 @@ def _local_rows(source: str, on_bad_rows: str, skip: str) -> tuple[list[dict], l
                                f"the file first, is full ({datasets.config.HF_DATASETS_CACHE}). Free space there, "
                                "or set HF_DATASETS_CACHE to a directory with room.") from None
         raise PeftkitError(f"Could not read data file {source}: {why}") from None
-    return ([_with_csv_label(row) for row in ds] if kind == "csv" else list(ds)), [], None
+    return ([_with_csv_label(row) for row in ds] if kind == "csv" else with_class_ids(ds, list(ds))), [], None
 
 
 def local_split(rows: list[dict], line_numbers: list[int] | None, split: str,
@@ -312,7 +313,7 @@ def _hub_rows(source: str, split: str, revision: str | None) -> tuple[list[dict]
     if re.fullmatch(r"[0-9a-f]{40}", cached):
         _check_commit(source, revision, cached, Path(ds.cache_files[0]["filename"]).parent.parent)
         HUB_COMMITS[(source, split, revision)] = cached
-    rows = list(ds)
+    rows = with_class_ids(ds, list(ds))
     HUB_ROWS[(source, split, revision)] = {"rows": rows_digest(rows)}
     return rows, 0, None
 

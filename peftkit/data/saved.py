@@ -63,6 +63,7 @@ def saved_rows(path: str, split: str | None) -> tuple[list[dict], list[str]]:
     dataset, a split it lacks and a slice of none of its rows are errors saying so."""
     import datasets
 
+    from peftkit.data.class_labels import with_class_ids
     from peftkit.data.rows import RowIndices, _no_progress_bars
 
     check_saved(path)
@@ -88,8 +89,8 @@ def saved_rows(path: str, split: str | None) -> tuple[list[dict], list[str]]:
     for name, start, stop in (part for part in parts if part[1] < part[2]):  # (an empty slice: nothing to select)
         # arrow's own to_pylist, 20x faster than iterating (100k alpaca rows: 0.09 s, not 1.7 s), the same values but
         # for features decoded on access (images, audio: their stored dicts), which no data.format reads; whatever
-        # format it was saved with (set_format("torch"): tensors), read as Python values
-        rows += splits[name].select(range(start, stop)).to_list()
+        # format it was saved with (set_format("torch"): tensors), read as Python values; a ClassLabel's ids as ClassIds
+        rows += with_class_ids(splits[name], splits[name].select(range(start, stop)).to_list())
         where += (f"[{i}]" if names is None else f"[{name}][{i}]" for i in range(start, stop))
     if not rows and any(len(splits[name]) for name, _, _ in parts):
         raise PeftkitError(f"Saved dataset {path}: split '{spec}' is none of its rows; take a larger slice "
