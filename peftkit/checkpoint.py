@@ -222,15 +222,19 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, method_trainer=None
 
 def changed_input(recorded: dict, now: dict) -> str | None:
     """The first data or base-model file whose hash differs between a checkpoint and now, described."""
-    from peftkit.manifest import changed_files, changed_model_files
+    from peftkit.manifest import HUB_LATER_HASHED, changed_files, changed_model_files
 
     for key in sorted(set(recorded) | set(now)):
         if not recorded.get(key):  # nothing hashed then: a hub dataset before December 2026
             continue
-        compare = changed_model_files if key == "model.name_or_path" else changed_files
-        if changed := compare(recorded.get(key, {}), now.get(key, {})):
+        if key == "model.name_or_path":
+            changed = changed_model_files(recorded.get(key, {}), now.get(key, {}))
+        else:
+            changed = changed_files(recorded.get(key, {}), now.get(key, {}), HUB_LATER_HASHED)
+        if changed:
             name, state = changed[0]
-            return f"{key}: the rows read from the hub {state}" if name == "rows" else f"{key} file {name} {state}"
+            hub = {"rows": "the rows read from the hub", "classes": "the ClassLabel names read from the hub"}
+            return f"{key}: {hub[name]} {state}" if name in hub else f"{key} file {name} {state}"
     return None
 
 

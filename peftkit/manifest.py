@@ -98,6 +98,11 @@ LATER_HASHED = (frozenset(TOKENIZER_FILES) - {"tokenizer.json"}, frozenset({GENE
 which means not hashed, not absent."""
 
 
+HUB_LATER_HASHED = frozenset({"classes"})
+"""A hub dataset's digests recorded since a later version (its ClassLabel columns' names, `rows._hub_rows`: since
+December 2026): a record without one did not hash it, and its rows' ids are the same classes."""
+
+
 def unhashed(recorded: dict[str, str]) -> frozenset[str]:
     """The names of `LATER_HASHED` that a record of the base's hashes was made without."""
     return frozenset().union(*(names for names in LATER_HASHED if not names & recorded.keys()))

@@ -30,11 +30,13 @@ from peftkit.checkpoint import ALSO_AT, CHECKPOINTS, checkpoint_dirs
 from peftkit.errors import PeftkitError
 from peftkit.fileio import DiskFullError, resolved, sha256_file
 from peftkit.manifest import (
+    HUB_LATER_HASHED,
     MANIFEST,
     METRICS_LOG,
     RECIPE_FILE,
     Manifest,
     RecordedEnvironment,
+    changed_files,
     changed_model_files,
     data_hashes,
     file_hashes,
@@ -334,12 +336,14 @@ def _pin_unchanged_base(recipe: Recipe, manifest: Manifest) -> str | None:
 
 def _hub_data_differences(manifest: Manifest, rerun: Manifest, recipe: Recipe) -> list[str]:
     """The hub datasets whose rows, as the re-run read them, differ from the recorded digest (a record without one,
-    from before December 2026, is not compared), with the commits each read where recorded."""
+    from before December 2026, is not compared; nor ClassLabel names a record lacks, `HUB_LATER_HASHED`), with the
+    commits each read where recorded."""
     recorded, now = manifest.data_sha256, rerun.data_sha256
     run_commits, rerun_commits = manifest.data_commits, rerun.data_commits
     out = []
     for split, source, _ in recipe.data.sources():
-        if is_hub_dataset(source) and recorded.get(split) and recorded[split] != now.get(split):
+        if is_hub_dataset(source) and recorded.get(split) and changed_files(recorded[split], now.get(split, {}),
+                                                                             HUB_LATER_HASHED):
             revision = recipe.data.revision or "main"
             read = "".join(f", {who} commit {commits[split]}" for who, commits in
                            (("the run read", run_commits), ("the re-run", rerun_commits)) if split in commits)

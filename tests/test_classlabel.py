@@ -135,9 +135,12 @@ def test_a_class_label_with_a_name_no_row_uses_trains_a_head_output_for_it(tmp_p
     assert head.shape[0] == 3 and summary["eval_accuracy"] is not None
 
 
-def test_a_hub_dataset_s_class_label_is_read(tmp_path, tiny_bert, monkeypatch):
+def test_a_hub_dataset_s_class_label_is_read_and_its_names_are_in_the_rows_digest(tmp_path, tiny_bert, monkeypatch):
     """A hub dataset (here an offline datasets cache, as one read from the hub leaves it): its ClassLabel's names are
-    the classes."""
+    the classes, and the digest a run records of its rows holds them (renamed classes are other data)."""
+    from peftkit.checkpoint import changed_input
+    from peftkit.data.rows import HUB_ROWS, rows_digest
+
     cache = tmp_path / "datasets"
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
@@ -157,3 +160,10 @@ def test_a_hub_dataset_s_class_label_is_read(tmp_path, tiny_bert, monkeypatch):
     examples, _, labels = load_classification(tok, cfg.train, "train", cfg)
     assert labels.names == ("negative", "positive")
     assert [e.labels[0] for e in examples] == [names.index(r["label"]) for r in rows]
+    digests = HUB_ROWS[("acme/sst", "train", None)]
+    assert digests["classes"] == rows_digest([{"label": names}])
+    # --resume: a checkpoint recorded without the names (before they were read) resumes, its ids being the same
+    # classes; names other than the recorded ones are other data
+    assert changed_input({"data.train": {"rows": digests["rows"]}}, {"data.train": digests}) is None
+    assert changed_input({"data.train": digests | {"classes": "0" * 64}}, {"data.train": digests}) == (
+        "data.train: the ClassLabel names read from the hub changed")

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from peftkit.data.class_labels import with_class_ids
+from peftkit.data.class_labels import class_label_names, with_class_ids
 from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.recipe import DATA_EXTENSIONS, is_hub_dataset
 
@@ -314,7 +314,9 @@ def _hub_rows(source: str, split: str, revision: str | None) -> tuple[list[dict]
         _check_commit(source, revision, cached, Path(ds.cache_files[0]["filename"]).parent.parent)
         HUB_COMMITS[(source, split, revision)] = cached
     rows = with_class_ids(ds, list(ds))
-    HUB_ROWS[(source, split, revision)] = {"rows": rows_digest(rows)}
+    # a ClassLabel's names are the classes the rows give (the ids alone would not show them renamed)
+    classes = {"classes": rows_digest([names])} if (names := class_label_names(ds)) else {}
+    HUB_ROWS[(source, split, revision)] = {"rows": rows_digest(rows)} | classes
     return rows, 0, None
 
 
