@@ -45,6 +45,18 @@ def _launch(config: Path, recipe: Path, *extra: str, env: dict | None = None) ->
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
 
 
+def _launch_each(config: Path, recipes: list[Path], env: dict | None = None) -> None:
+    """Train each recipe in turn in one launch under the accelerate `config` (tests/train_each.py in each process, as
+    `peftkit train RECIPE` runs there): the launch's start, 15 to 20 s of a 1-step run with DeepSpeed's imports on a
+    loaded 2-core machine, paid once for several runs. Only runs of one DeepSpeed config can share it: accelerate's
+    state, which holds that config, is one per process."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes",
+               str(PROCESSES), "--main_process_port", str(free_port()), str(Path(__file__).with_name("train_each.py")),
+               *map(str, recipes)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+
 def _launcher(stem: Path, config: dict) -> Path:
     """An accelerate config file (STEM.yaml) for DeepSpeed `config` (STEM.json), the recipe filling the batch,
     accumulation and clipping."""
@@ -83,17 +95,30 @@ def single(tiny_llama, number_data, tmp_path_factory) -> Path:
     return root / "run"
 
 
-def test_zero2_trains_the_adapter_of_one_process(single, tiny_llama, number_data, tmp_path):
+QUANT = {"quantization": {"method": "nf4", "double_quant": True, "compute_dtype": "float32"}}
+
+
+@pytest.fixture(scope="module")
+def zero2(tiny_llama, number_data, tmp_path_factory) -> Path:
+    """configs/accelerate/zero2.yaml's runs, trained in one launch (`_launch_each`) under a fresh TORCH_EXTENSIONS_DIR
+    (a fresh machine's: nothing built yet), ROOT/extensions: ROOT/lora/run (`_sections(2)`, the adapter of
+    `single`'s batch 4 in 2 processes) and ROOT/qlora/run (test_zero2_trains_qlora_as_one_process's). ROOT."""
+    root = tmp_path_factory.mktemp("zero2")
+    recipes = [make_recipe(root / "lora", tiny_llama, number_data, **_sections(4 // PROCESSES)),
+               make_recipe(root / "qlora", tiny_llama, number_data, **_sections(4 // PROCESSES, False, max_steps=6),
+                           **QUANT)]
+    _launch_each(CONFIGS / "zero2.yaml", recipes, env=os.environ | {"TORCH_EXTENSIONS_DIR": str(root / "extensions")})
+    return root
+
+
+def test_zero2_trains_the_adapter_of_one_process(single, zero2):
     """configs/accelerate/zero2.yaml, 2 processes x batch 2 x grad_accum 2 (on one GPU: 1 x 4): the adapter, losses
     and clipped grad norms of one process with batch 4 (the recipe's accumulation and clipping, not DeepSpeed's
     defaults)."""
-    recipe = make_recipe(tmp_path, tiny_llama, number_data, **_sections(4 // PROCESSES))
-    extensions = tmp_path / "torch_extensions"  # (a fresh machine's: nothing built yet)
-    done = _launch(CONFIGS / "zero2.yaml", recipe, env=os.environ | {"TORCH_EXTENSIONS_DIR": str(extensions)})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    extensions = zero2 / "extensions"
     # DeepSpeed's shared-memory collective, for inference only, is not compiled (52 s on a fresh machine's first run)
     assert torch.cuda.is_available() or not (extensions.exists() and any(extensions.rglob("*shm*")))
-    run = tmp_path / "run"
+    run = zero2 / "lora" / "run"
     assert _close(_adapter(single), _adapter(run)) <= 1e-5
     ours, theirs = _lines(run), _lines(single)
     for a, b in zip(ours, theirs, strict=True):
@@ -129,16 +154,64 @@ def test_zero3_partitions_the_parameters_and_trains_the_adapter_of_one_process(s
     _resume_from_the_middle(launcher, recipe, run)
 
 
-def test_zero2_in_bf16_checkpoints_and_exports_the_fp32_masters(single, tiny_llama, number_data, tmp_path):
+BF16 = {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}
+"""ZeRO-2 in DeepSpeed's bf16 mode (what mixed_precision: auto gives on a bf16 GPU; here the config's bf16 section)."""
+OBJECTIVES = ["dpo"]
+"""The objectives test_zero2_in_bf16_takes_the_reference_at_the_engine_s_precision trains in the `zero2_bf16` launch."""
+
+
+def _preference_recipe(root: Path, tiny_llama: Path, objective: str, init_from: Path | None = None) -> Path:
+    """A 1-step run of `objective` (dpo, or kto) on 16 sums under DeepSpeed, its first step logged, no eval step and
+    no checkpoint; `init_from`: from that adapter (adapter.init_from, whose settings are the adapter's)."""
+    import random
+
+    import yaml
+
+    from peftkit.tiny import write_jsonl
+
+    rng, rows = random.Random(0), []
+    for _ in range(16):
+        a, b = rng.randint(1, 50), rng.randint(1, 50)
+        rows.append({"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(-a - b)} if objective == "dpo" else
+                    {"prompt": f"{a}+{b}=", "completion": str(a + b), "label": rng.random() < 0.5})
+    data = {"train": root / "train.jsonl", "eval": root / "eval.jsonl"}
+    write_jsonl(data["train"], rows)
+    write_jsonl(data["eval"], rows[:4])
+    sections = _sections(4 // PROCESSES, generate=False, objective=objective, max_steps=1, log_steps=1,
+                         eval_steps=None, save_steps=None)
+    recipe = make_recipe(root, tiny_llama, data, data={"format": "preference" if objective == "dpo" else "unpaired",
+                                                       "max_length": 64}, **sections)
+    if init_from is not None:
+        raw = yaml.safe_load(recipe.read_text())
+        raw["adapter"] = {"init_from": str(init_from)}
+        recipe.write_text(yaml.safe_dump(raw))
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def zero2_bf16(tiny_llama, number_data, tmp_path_factory) -> Path:
+    """The runs under `BF16` (ROOT/zero2-bf16.yaml), trained in one launch (`_launch_each`): ROOT/masters/run
+    (`_sections(2)` without generation), ROOT/OBJECTIVE/run for each of OBJECTIVES and ROOT/init_from/run (DPO from
+    ROOT/start, a random LoRA adapter): `_preference_recipe`'s. ROOT."""
+    from peftkit.methods.lora import LoraConfig
+    from tests.conftest import save_random_adapter
+
+    root = tmp_path_factory.mktemp("zero2-bf16")
+    start = save_random_adapter(tiny_llama, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], dropout=0.0),
+                                root / "start", seed=3)
+    recipes = [make_recipe(root / "masters", tiny_llama, number_data, **_sections(4 // PROCESSES, generate=False)),
+               *(_preference_recipe(root / objective, tiny_llama, objective) for objective in OBJECTIVES),
+               _preference_recipe(root / "init_from", tiny_llama, "dpo", init_from=start)]
+    _launch_each(_launcher(root / "zero2-bf16", BF16), recipes)
+    return root
+
+
+def test_zero2_in_bf16_checkpoints_and_exports_the_fp32_masters(single, zero2_bf16):
     """DeepSpeed's bf16 mode (what mixed_precision: auto gives on a bf16 GPU; here the config's bf16 section): the
     engine holds the whole model in bf16 and ZeRO the adapter's fp32 masters. The export and the checkpoints hold
     the masters (fp32 values that bf16 cannot hold: the engine's bf16 copy would be all bf16 values), near one fp32
     process's adapter (the forward and backward ran in bf16); resumed from step 6, the uninterrupted run's bits."""
-    launcher = _launcher(tmp_path / "zero2-bf16", {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}})
-    recipe = make_recipe(tmp_path, tiny_llama, number_data, **_sections(4 // PROCESSES, generate=False))
-    done = _launch(launcher, recipe)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    run = tmp_path / "run"
+    run = zero2_bf16 / "masters" / "run"
     adapter, reference = _adapter(run), _adapter(single)
     for key, value in adapter.items():
         assert value.dtype == torch.float32 and not value.equal(value.bfloat16().float()), key
@@ -149,7 +222,7 @@ def test_zero2_in_bf16_checkpoints_and_exports_the_fp32_masters(single, tiny_lla
     checkpoint = load_file(run / "checkpoints" / f"step-{STEPS:08d}" / "adapter_model.safetensors")
     assert _close(checkpoint, adapter) == 0.0
     assert json.loads((run / "manifest.json").read_text())["distributed"]["precision"] == "bf16"
-    _resume_from_the_middle(launcher, recipe, run)
+    _resume_from_the_middle(zero2_bf16 / "zero2-bf16.yaml", zero2_bf16 / "masters" / "recipe.yaml", run)
 
 
 def _resume_from_the_middle(launcher: Path, recipe: Path, run: Path) -> None:
@@ -165,52 +238,31 @@ def _resume_from_the_middle(launcher: Path, recipe: Path, run: Path) -> None:
     assert all((uninterrupted[k] == again[k]).all() for k in uninterrupted)
 
 
-@pytest.mark.parametrize("objective", ["dpo"])
-def test_zero2_in_bf16_takes_the_reference_at_the_engine_s_precision(objective, tiny_llama, tmp_path):
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_zero2_in_bf16_takes_the_reference_at_the_engine_s_precision(objective, zero2_bf16):
     """DPO under DeepSpeed's bf16 mode, model.dtype float32: the engine trains the model in bf16, so the reference
     log-probabilities (computed before `prepare`) are taken in bf16 too. The first step's policy is the reference
     (LoRA's B is 0, no dropout): every reward 0 and the loss that of a zero margin, log 2 for DPO and 1 - sigmoid(0) =
     0.5 for KTO (with float32 references: DPO's loss 0.69345, rewards off 0 by bf16's rounding). KTO's references are
     taken by the same code after the same cast (`start_base._reference_logps`, `zero.cast_as_the_engine`): its run,
-    14 s of CI for no other line, passes as `objective` kto."""
+    in the `zero2_bf16` launch, passes with kto among OBJECTIVES."""
     import math
-    import random
 
-    from peftkit.tiny import write_jsonl
-
-    rng, rows = random.Random(0), []
-    for _ in range(16):
-        a, b = rng.randint(1, 50), rng.randint(1, 50)
-        rows.append({"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(-a - b)} if objective == "dpo" else
-                    {"prompt": f"{a}+{b}=", "completion": str(a + b), "label": rng.random() < 0.5})
-    data = {"train": tmp_path / "train.jsonl", "eval": tmp_path / "eval.jsonl"}
-    write_jsonl(data["train"], rows)
-    write_jsonl(data["eval"], rows[:4])
-    launcher = _launcher(tmp_path / "zero2-bf16", {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}})
-    sections = _sections(4 // PROCESSES, generate=False, objective=objective, max_steps=1, log_steps=1,
-                         eval_steps=None, save_steps=None)
-    recipe = make_recipe(tmp_path, tiny_llama, data, data={"format": "preference" if objective == "dpo" else "unpaired",
-                                                           "max_length": 64}, **sections)
-    done = _launch(launcher, recipe)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    first = next(line for line in _lines(tmp_path / "run") if line.get("step") == 1 and "loss" in line)
+    first = next(line for line in _lines(zero2_bf16 / objective / "run") if line.get("step") == 1 and "loss" in line)
     assert first["loss"] == pytest.approx(math.log(2) if objective == "dpo" else 0.5, abs=1e-6)
     rewards = [first[k] for k in ("chosen_reward", "rejected_reward", "reward_margin") if first.get(k) is not None]
     assert rewards and all(value == 0.0 for value in rewards), first
 
 
-def test_zero2_trains_qlora_as_one_process(tiny_llama, number_data, tmp_path):
-    """QLoRA (NF4 + double quant) under ZeRO-2: the 4-bit base stays whole and unpartitioned in each process (ZeRO-2
-    partitions only what trains), and 2 processes give one process's adapter (dequantized fp32 compute)."""
-    quant = {"quantization": {"method": "nf4", "double_quant": True, "compute_dtype": "float32"}}
-    plain = make_recipe(tmp_path / "one", tiny_llama, number_data, **_sections(4, False, max_steps=6), **quant)
+def test_zero2_trains_qlora_as_one_process(zero2, tiny_llama, number_data, tmp_path):
+    """QLoRA (NF4 + double quant) under ZeRO-2 (configs/accelerate/zero2.yaml, the `zero2` launch): the 4-bit base
+    stays whole and unpartitioned in each process (ZeRO-2 partitions only what trains), and 2 processes give one
+    process's adapter (dequantized fp32 compute)."""
+    plain = make_recipe(tmp_path / "one", tiny_llama, number_data, **_sections(4, False, max_steps=6), **QUANT)
     train(load_recipe(plain))
-    zero = make_recipe(tmp_path / "zero", tiny_llama, number_data, **_sections(4 // PROCESSES, False, max_steps=6), **quant)
-    done = _launch(CONFIGS / "zero2.yaml", zero)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     # Float rounding, amplified by Adam on near-zero gradients: one process at batch 2 x grad_accum 4 differs from
     # itself at 4 x 2 by 1.1e-5 here (fused AdamW; 5.8e-6 with the for-loop one), and so does ZeRO-2.
-    assert _close(_adapter(tmp_path / "one" / "run"), _adapter(tmp_path / "zero" / "run")) <= 2e-5
+    assert _close(_adapter(tmp_path / "one" / "run"), _adapter(zero2 / "qlora" / "run")) <= 2e-5
 
 
 def _accelerator(stage: int, **config) -> SimpleNamespace:
@@ -270,38 +322,13 @@ def test_verify_relaunches_deepspeed_runs_as_the_shipped_configs(stage):
         and key not in ("--num_machines", "--mixed_precision", "--dynamo_backend", "-m")}
 
 
-def test_zero2_in_bf16_takes_the_reference_from_init_from_at_the_engine_s_precision(tiny_llama, tmp_path):
+def test_zero2_in_bf16_takes_the_reference_from_init_from_at_the_engine_s_precision(zero2_bf16):
     """DPO from adapter.init_from under DeepSpeed's bf16 mode: the reference is the init_from adapter over the base,
     taken after the injection, whose adapter weights the engine also trains in bf16. The first step's policy is that
     reference (no dropout): every reward 0 and the loss log 2."""
     import math
-    import random
 
-    import yaml
-
-    from peftkit.methods.lora import LoraConfig
-    from peftkit.tiny import write_jsonl
-    from tests.conftest import save_random_adapter
-
-    rng, rows = random.Random(0), []
-    for _ in range(16):
-        a, b = rng.randint(1, 50), rng.randint(1, 50)
-        rows.append({"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(-a - b)})
-    data = {"train": tmp_path / "train.jsonl", "eval": tmp_path / "eval.jsonl"}
-    write_jsonl(data["train"], rows)
-    write_jsonl(data["eval"], rows[:4])
-    start = save_random_adapter(tiny_llama, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], dropout=0.0),
-                                tmp_path / "start", seed=3)
-    launcher = _launcher(tmp_path / "zero2-bf16", {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}})
-    sections = _sections(4 // PROCESSES, generate=False, objective="dpo", max_steps=1, log_steps=1,
-                         eval_steps=None, save_steps=None)
-    recipe = make_recipe(tmp_path, tiny_llama, data, data={"format": "preference", "max_length": 64}, **sections)
-    raw = yaml.safe_load(recipe.read_text())
-    raw["adapter"] = {"init_from": str(start)}  # (its settings are the adapter's)
-    recipe.write_text(yaml.safe_dump(raw))
-    done = _launch(launcher, recipe)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    first = next(line for line in _lines(tmp_path / "run") if line.get("step") == 1 and "loss" in line)
+    first = next(line for line in _lines(zero2_bf16 / "init_from" / "run") if line.get("step") == 1 and "loss" in line)
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6), first
     rewards = [first[k] for k in ("chosen_reward", "rejected_reward", "reward_margin") if first.get(k) is not None]
     assert rewards and all(value == 0.0 for value in rewards), first
