@@ -25,9 +25,8 @@ from tests.conftest import make_recipe
 STEPS = 24
 
 
-def _peftkit(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "peftkit", *args], capture_output=True, text=True, timeout=600,
-                          env=env)
+def _peftkit(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "peftkit", *args], capture_output=True, text=True, timeout=600)
 
 
 HEAD_COUNTER = """import os
@@ -38,26 +37,57 @@ if os.environ.get("RANK") is not None:  # a launched worker
 
     def counted(model, batch):
         kept, labels = trimmed_head(model, batch)
-        with open(os.environ["HEAD_LOG"], "a") as log:
-            log.write(f"{os.environ['RANK']} {type(model).__name__} {kept.get('logits_to_keep', 0)} "
-                      f"{batch['labels'].shape[1]}\\n")
+        if os.environ.get("HEAD_LOG"):
+            with open(os.environ["HEAD_LOG"], "a") as log:
+                log.write(f"{os.environ['RANK']} {type(model).__name__} {kept.get('logits_to_keep', 0)} "
+                          f"{batch['labels'].shape[1]}\\n")
         return kept, labels
 
     loss.trimmed_head = counted
 """
 """A sitecustomize.py for the workers of a launched run: each call of `peftkit.loss.trimmed_head` (rank, the model's
-class, the positions it kept, 0 for all, the batch's width) to the file $HEAD_LOG, patched before peftkit's modules
-import it."""
+class, the positions it kept, 0 for all, the batch's width) to the file $HEAD_LOG while that is set, patched before
+peftkit's modules import it."""
 
 
-def _counting_heads(tmp_path: Path) -> tuple[dict, Path]:
-    """(the environment that runs `HEAD_COUNTER` in each launched worker, the file it writes)."""
+def _counting_heads(tmp_path: Path) -> str:
+    """The PYTHONPATH that runs `HEAD_COUNTER` in each launched worker."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(HEAD_COUNTER)
-    log = tmp_path / "heads.log"
-    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
-    return os.environ | {"PYTHONPATH": path, "HEAD_LOG": str(log)}, log
+    return os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
+
+
+GROUPED = dict(data={"group_by_length": True}, adapter={"dropout": 0.0}, eval={"base_model": False})
+"""test_two_processes_train_one_process_s_grouped_batches's sections, but the batch size."""
+
+
+def _untrimmed_sections() -> dict:
+    """test_a_run_that_did_not_trim_its_slices_resumes_and_verifies_untrimmed's: 4 steps, a checkpoint every 2."""
+    sections = _sections(2, steps=4)
+    sections["training"] |= {"save_steps": 2}
+    return sections
+
+
+@pytest.fixture(scope="module")
+def launched(tiny_llama, number_data, tmp_path_factory) -> Path:
+    """The 2-process runs whose tests check what was trained, not how `peftkit train --num-processes 2` launches it,
+    trained in one launch (conftest's `train_each`: the processes' start, most of a tiny run's time, paid once):
+    ROOT/grouped/run (batch 2 of `GROUPED`, its workers' output heads counted to ROOT/heads.log), ROOT/loha/run (LoHa
+    with module_dropout, 3 steps) and ROOT/old/run (`_untrimmed_sections`, its slices untrimmed as in verify's
+    re-run of a run that did not trim: PEFTKIT_TRIMMED_SLICES=0). ROOT."""
+    from peftkit.distributed import TRIMMED
+    from tests.conftest import train_each
+
+    root = tmp_path_factory.mktemp("launched")
+    grouped = make_recipe(root / "grouped", tiny_llama, number_data, training={"batch_size": 2}, **GROUPED)
+    loha = make_recipe(root / "loha", tiny_llama, number_data, adapter={"method": "loha", "module_dropout": 0.5},
+                       training={"max_steps": 3, "batch_size": 2, "save_steps": 3}, eval={"base_model": False})
+    old = make_recipe(root / "old", tiny_llama, number_data, **_untrimmed_sections())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", _counting_heads(root))
+        train_each([f"HEAD_LOG={root / 'heads.log'}", grouped, "HEAD_LOG=", loha, f"{TRIMMED}=0", old], 2)
+    return root
 
 
 METRICS = ["exact_match", "token_f1", "rouge_l"]
@@ -363,24 +393,17 @@ def test_two_processes_train_the_adapter_of_one_with_twice_the_batch_and_resume_
     assert "environment:" not in verified.stdout + verified.stderr, verified.stdout + verified.stderr
 
 
-def test_a_run_that_did_not_trim_its_slices_resumes_and_verifies_untrimmed(tiny_llama, number_data, tmp_path):
+def test_a_run_that_did_not_trim_its_slices_resumes_and_verifies_untrimmed(launched):
     """A 2-process run from before the padding trim checkpointed untrimmed slices, and its checkpoints and manifest
     say nothing of it: resumed by today's code it went on trimmed, so it no longer ended with the bits of its
     uninterrupted run, and `peftkit verify` re-ran it trimmed. Such a run (made here untrimmed, as verify's re-run of
     one is) now resumes untrimmed to the uninterrupted run's bits and verifies; a run today trims, says so in its
     checkpoints and manifest, and ends with other bits (measured when this test was written; the resumed run's bits
-    here are what tell the two apart). (~60 s: three 2-process runs of 4 steps.)"""
+    here are what tell the two apart). (Three 2-process runs of 4 steps: the first in the `launched` launch, the
+    resume and verify's re-run launched as a user's.)"""
     import shutil
 
-    from peftkit.distributed import TRIMMED
-
-    sections = _sections(2, steps=4)
-    sections["training"] |= {"save_steps": 2}
-    old = make_recipe(tmp_path / "old", tiny_llama, number_data, **sections)
-    run = tmp_path / "old" / "run"
-    done = subprocess.run([sys.executable, "-m", "peftkit", "train", str(old), "--num-processes", "2"],
-                          capture_output=True, text=True, timeout=600, env=os.environ | {TRIMMED: "0"}, check=False)
-    assert done.returncode == 0, done.stdout + done.stderr
+    old, run = launched / "old" / "recipe.yaml", launched / "old" / "run"
     unbroken = (run / "adapter" / "adapter_model.safetensors").read_bytes()
     state = json.loads((run / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
     assert set(state) == {"step", "tokens", "losses", "skipped_steps"}  # the layout from before the trim
@@ -397,25 +420,20 @@ def test_a_run_that_did_not_trim_its_slices_resumes_and_verifies_untrimmed(tiny_
     # cover.)
 
 
-def test_two_processes_train_one_process_s_grouped_batches(tiny_llama, number_data, tmp_path):
+def test_two_processes_train_one_process_s_grouped_batches(launched, tiny_llama, number_data, tmp_path):
     """data.group_by_length groups the global batch (2 processes x batch 2), each process training on its half: the
     same examples a step as one process at batch 4 (the tokens logged), each once an epoch, and its adapter up to
-    float rounding. (~20 s: one 2-process run of 6 steps.) Each process's training step trims its output head
-    through DDP's wrapper (`peftkit.loss.trimmed_head` reads its `.module`): counted in the workers."""
-    sections = dict(data={"group_by_length": True}, adapter={"dropout": 0.0}, eval={"base_model": False})
-    train(load_recipe(make_recipe(tmp_path / "one", tiny_llama, number_data, training={"batch_size": 4}, **sections)))
-    two = make_recipe(tmp_path / "two", tiny_llama, number_data, training={"batch_size": 2}, **sections)
-    env, heads = _counting_heads(tmp_path)
-    done = _peftkit("train", str(two), "--num-processes", "2", env=env)
-    assert done.returncode == 0, done.stdout + done.stderr
-    calls = [line.split() for line in heads.read_text().splitlines()]
+    float rounding. (One 2-process run of 6 steps, in the `launched` launch.) Each process's training step trims its
+    output head through DDP's wrapper (`peftkit.loss.trimmed_head` reads its `.module`): counted in the workers."""
+    train(load_recipe(make_recipe(tmp_path / "one", tiny_llama, number_data, training={"batch_size": 4}, **GROUPED)))
+    calls = [line.split() for line in (launched / "heads.log").read_text().splitlines()]
     steps = [(rank, int(kept), int(width)) for rank, cls, kept, width in calls if cls == "DistributedDataParallel"]
     assert {rank for rank, *_ in steps} == {"0", "1"} and all(0 < kept < width for _, kept, width in steps), calls
-    one_lines, two_lines = _lines(tmp_path / "one" / "run"), _lines(tmp_path / "two" / "run")
+    one_lines, two_lines = _lines(tmp_path / "one" / "run"), _lines(launched / "grouped" / "run")
     assert [x["tokens"] for x in one_lines if "loss" in x] == [x["tokens"] for x in two_lines if "loss" in x]
     for a, b in zip(one_lines, two_lines, strict=True):
         assert abs(a.get("loss", a.get("eval_loss")) - b.get("loss", b.get("eval_loss"))) <= 1e-5
-    one, two = _adapter(tmp_path / "one" / "run"), _adapter(tmp_path / "two" / "run")
+    one, two = _adapter(tmp_path / "one" / "run"), _adapter(launched / "grouped" / "run")
     assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-5
 
 
@@ -542,17 +560,14 @@ def test_the_process_group_waits_trainers_timeout_and_ddp_looks_for_unused_param
     assert isinstance(ddp, DistributedDataParallelKwargs) and ddp.find_unused_parameters
 
 
-def test_layers_that_skip_their_update_at_random_train_under_ddp(tiny_llama, number_data, tmp_path):
+def test_layers_that_skip_their_update_at_random_train_under_ddp(launched):
     """LoHa's module_dropout leaves the skipped layers' factors out of a process's graph, other layers in each
-    process: DDP, told to look for unused parameters, trains on (plain DDP fails its second forward). Each process
-    draws its own skips and dropout masks: seeded alike, they drew the same ones for their different rows."""
-    recipe = make_recipe(tmp_path, tiny_llama, number_data, adapter={"method": "loha", "module_dropout": 0.5},
-                         training={"max_steps": 3, "batch_size": 2, "save_steps": 3}, eval={"base_model": False})
-    done = _peftkit("train", str(recipe), "--num-processes", "2")
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert [x["step"] for x in _lines(tmp_path / "run") if "loss" in x] == [1, 2, 3]
-    ranks = torch.load(tmp_path / "run" / "checkpoints" / "step-00000003" / "training_state.pt",
-                       weights_only=True)["rng_ranks"]
+    process: DDP, told to look for unused parameters, trains on (plain DDP fails its second forward): the `launched`
+    run of 2 processes. Each process draws its own skips and dropout masks: seeded alike, they drew the same ones for
+    their different rows."""
+    run = launched / "loha" / "run"
+    assert [x["step"] for x in _lines(run) if "loss" in x] == [1, 2, 3]
+    ranks = torch.load(run / "checkpoints" / "step-00000003" / "training_state.pt", weights_only=True)["rng_ranks"]
     assert not ranks[0]["cpu"].equal(ranks[1]["cpu"])  # (the same draws from the same seed leave the same state)
 
 
