@@ -47,9 +47,9 @@ def _launch(config: Path, recipe: Path, *extra: str, env: dict | None = None) ->
 
 def _launch_each(config: Path, recipes: list[Path], env: dict | None = None) -> None:
     """Train each recipe in turn in one launch under the accelerate `config` (tests/train_each.py in each process, as
-    `peftkit train RECIPE` runs there): the launch's start, 15 to 20 s of a 1-step run with DeepSpeed's imports on a
-    loaded 2-core machine, paid once for several runs. Only runs of one DeepSpeed config can share it: accelerate's
-    state, which holds that config, is one per process."""
+    `peftkit train RECIPE` runs there): the launch's start, nearly all of a 1-step DPO run's 11 s (a quiet 2-core
+    machine) to 28 s (a loaded one), paid once for several runs. Only runs of one DeepSpeed config can share it:
+    accelerate's state, which holds that config, is one per process."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes",
                str(PROCESSES), "--main_process_port", str(free_port()), str(Path(__file__).with_name("train_each.py")),
                *map(str, recipes)]
