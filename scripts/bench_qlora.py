@@ -83,7 +83,8 @@ def peft_qlora_model(recipe):
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     a = recipe.adapter
     seed_everything(recipe.training.seed, deterministic_cuda=False)  # as peftkit, right before injection
-    config = LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    config = LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules="all-linear",
+                        task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
 
@@ -127,7 +128,7 @@ def main() -> None:
     title = (f"QLoRA (nf4 + double quant, compute {compute_dtype(args)}, weights {model_dtype(args)}, paged_adamw_8bit), {args.device}: "
              f"{args.model or f'llama hidden {args.hidden} x {args.layers} layers, intermediate {args.intermediate}, vocab {args.vocab}'}, batch "
              f"{args.batch_size}, max_length {args.max_length}, r {args.r}, gradient checkpointing "
-             f"{args.gradient_checkpointing}, {args.steps} steps, "
+             f"{args.gradient_checkpointing}{f', dropout {args.dropout}' if args.dropout else ''}, {args.steps} steps, "
              f"torch threads {args.threads or torch.get_num_threads()}")
     report(results, args, title, args.device == "cuda")
 

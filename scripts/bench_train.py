@@ -11,6 +11,7 @@
     python scripts/bench_train.py --group-by-length --words 14 --max-length 512 --steps 40 --warmup 1 --threads 1 \
         --repeats 3
     python scripts/bench_train.py --ab 4 --steps 6 --floor    # forward + backward only, all sides in one process
+    python scripts/bench_train.py --ab 4 --steps 6 --floor --dropout 0.05   # LoRA dropout on both sides
     # a ~1.2B Llama shape in bf16 on one GPU, rows of ~400 tokens, with the frozen-base floor:
     python scripts/bench_train.py --device cuda --model-dtype bfloat16 --hidden 2048 --layers 16 \
         --intermediate 5632 --vocab 32000 --words 12 --max-length 512 --batch-size 8 --steps 30 --floor
@@ -77,6 +78,8 @@ def common_args(description: str) -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout on both sides (adapter.dropout, peft's "
+                   "lora_dropout)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -109,7 +112,7 @@ def recipe_for(args, workdir: Path, **sections):
         model=dict(name_or_path=str(model_dir(args, workdir)), dtype=sections.pop("dtype", getattr(args, "model_dtype", None) or "float32"),
                    device=args.device) | sections.pop("model", {}),
         # bench_qlora.py has no --dora flag: LoRA there.
-        adapter=dict(r=args.r, alpha=args.alpha, dropout=0.0, target_modules="all-linear",
+        adapter=dict(r=args.r, alpha=args.alpha, dropout=args.dropout, target_modules="all-linear",
                      use_dora=getattr(args, "dora", False), **token_rows(args)) | expert_params(args)
         | sections.pop("adapter", {}),
         data=dict(train=str(workdir / "train.jsonl"), format="alpaca", max_length=args.max_length)
@@ -413,7 +416,8 @@ def peft_lora_model(recipe):
     a = recipe.adapter
     # As peftkit: same seed right before injection (so the same lora_A init), deterministic CPU kernels.
     seed_everything(recipe.training.seed, deterministic_cuda=False)
-    config = LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=0.0, task_type="SEQ_CLS" if classify else "CAUSAL_LM",
+    config = LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout,
+                        task_type="SEQ_CLS" if classify else "CAUSAL_LM",
                         target_modules=a.target_modules if isinstance(a.target_modules, list) else "all-linear",
                         use_dora=a.use_dora, trainable_token_indices=a.trainable_token_indices,
                         target_parameters=a.target_parameters)
@@ -556,7 +560,8 @@ def run_ab(args, recipe, peft_model) -> None:
     if args.floor:
         models["floor"] = floor_model(recipe)
     report_ab(ab_pairs(recipe, models, args.ab),
-              f"{recipe.adapter.method}{' + trainable tokens' if token_rows(args) else ''} over "
+              f"{recipe.adapter.method}{' + trainable tokens' if token_rows(args) else ''}"
+              f"{f' (dropout {args.dropout})' if args.dropout else ''} over "
               f"{recipe.model.name_or_path if args.model else 'the built model'}"
               f"{' (NF4)' if recipe.quantization else ''}, {args.device}, batch {args.batch_size}, {args.steps} "
               f"batches x {args.ab} rounds, torch threads {torch.get_num_threads()}")
@@ -653,7 +658,8 @@ def main() -> None:
     shape = f", intermediate {args.intermediate}, vocab {args.vocab}" if args.intermediate else ""
     model = args.model or f"{'mixtral' if args.moe else 'llama'} hidden {args.hidden} x {args.layers} layers{shape}"
     title = (f"{kind} training, {args.device}, weights {args.model_dtype}: {model}, batch {args.batch_size}, rows of {'1-' * args.group_by_length}{args.words} number(s), "
-             f"max_length {args.max_length}, r {args.r}, {args.steps} steps, "
+             f"max_length {args.max_length}, r {args.r}{f', dropout {args.dropout}' if args.dropout else ''}, "
+             f"{args.steps} steps, "
              f"torch threads {args.threads or torch.get_num_threads()}")
     report(results, args, title, args.device == "cuda")
     if args.group_by_length:
