@@ -269,11 +269,13 @@ def autocast_bf16(recipe, model) -> bool:
     return mixed_precision(recipe.training, device) == "bf16" and next(model.parameters()).dtype == torch.float32
 
 
-def ab_pairs(recipe, models: dict, rounds: int) -> dict[str, list[float]]:
+def ab_pairs(recipe, models: dict, rounds: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """--ab: forward + backward of each of `models` (name -> model), all in this process, on the recipe's first
     max_steps batches (training order, padded as in training), `rounds` times over. Each batch runs on every model
     back to back, the order rotating, so the times of one batch see the same machine (compare them with
-    `paired_ratio`). Per model: its step times, in the same order for all."""
+    `paired_ratio`). Per model: its step times by the wall clock, and by this process's CPU time (which other
+    processes' load moves less: on 2 busy cores a 1-thread step's wall time was twice its CPU time), in the same
+    order for all."""
     import torch
 
     from peftkit.data.batches import eval_loader
@@ -287,23 +289,25 @@ def ab_pairs(recipe, models: dict, rounds: int) -> dict[str, list[float]]:
     bf16 = autocast_bf16(recipe, next(iter(models.values())))
     params = {name: [p for p in model.parameters() if p.requires_grad] for name, model in models.items()}
 
-    def step(name: str, batch: dict) -> float:
-        start = _sync(recipe.model.device)
+    def step(name: str, batch: dict) -> tuple[float, float]:
+        start, cpu = _sync(recipe.model.device), time.process_time()
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             loss, n = token_loss_sum(models[name], batch)
         (loss / n).backward()
         for p in params[name]:
             p.grad = None
-        return _sync(recipe.model.device) - start
+        return _sync(recipe.model.device) - start, time.process_time() - cpu
 
     for name in models:
         for batch in batches[:2]:
             step(name, batch)  # first calls: allocations, kernel selection
-    names, times = list(models), {name: [] for name in models}
+    names, times, cpu_times = list(models), {name: [] for name in models}, {name: [] for name in models}
     for i in range(rounds * len(batches)):
         for name in names[i % len(names):] + names[:i % len(names)]:
-            times[name].append(step(name, batches[i % len(batches)]))
-    return times
+            wall, cpu = step(name, batches[i % len(batches)])
+            times[name].append(wall)
+            cpu_times[name].append(cpu)
+    return times, cpu_times
 
 
 def paired_ratio(times: list[float], reference: list[float]) -> float:
@@ -311,15 +315,17 @@ def paired_ratio(times: list[float], reference: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(times, reference))
 
 
-def report_ab(times: dict[str, list[float]], title: str) -> None:
-    """The --ab table: each model's median s/step, and peftkit's time over peft's and the floor's on the same batch."""
+def report_ab(timed: tuple[dict[str, list[float]], dict[str, list[float]]], title: str) -> None:
+    """The --ab table: each model's median s/step, and peftkit's time over peft's and the floor's on the same batch,
+    by the wall clock and by CPU time (`ab_pairs`)."""
     print(f"\n{title}")
-    for name, t in times.items():
-        print(f"{name:10}{statistics.median(t):>9.4f} s/step")
-    others = [name for name in ("peft", "floor") if name in times]
-    print("peftkit / " + ", peftkit / ".join(f"{name}: {paired_ratio(times['peftkit'], times[name]):.3f}"
-                                              for name in others)
-          + (f"; peft / floor: {paired_ratio(times['peft'], times['floor']):.3f}" if "floor" in times else ""))
+    for clock, times in zip(("wall", "CPU"), timed):
+        print(f"by {clock} time: " + ", ".join(f"{name} {statistics.median(t):.4f}" for name, t in times.items())
+              + " s/step")
+        others = [name for name in ("peft", "floor") if name in times]
+        print("  peftkit / " + ", peftkit / ".join(f"{name}: {paired_ratio(times['peftkit'], times[name]):.3f}"
+                                                   for name in others)
+              + (f"; peft / floor: {paired_ratio(times['peft'], times['floor']):.3f}" if "floor" in times else ""))
     print("forward + backward only (no optimizer, no data loading), one process; s/step: medians; a ratio is the "
           "median over batches of the two times on one batch")
 
