@@ -138,8 +138,8 @@ def test_fused_layer_with_an_input_that_needs_no_gradient(threads):
 
 
 def test_what_keeps_the_separate_modules(threads):
-    """Hooks (DeepSpeed ZeRO-3 gathers weights in them), autocast, dropout, more threads than measured, a trainable
-    bias and a merged layer take the modules' path, and give the same values."""
+    """Hooks (DeepSpeed ZeRO-3 gathers weights in them), autocast, more threads than measured, a trainable bias and a
+    merged layer take the modules' path, and give the same values; dropout does not (`test_fused_dropout...`)."""
     threads(1)
     x = torch.randn(2, 5, 48, requires_grad=True)
     layer = _lora_layer(True)
@@ -158,7 +158,6 @@ def test_what_keeps_the_separate_modules(threads):
     layer.base_layer.bias.requires_grad_(False)
     assert fusable(layer.base_layer, layer.factors, x)
     with_dropout = _lora_layer(True, dropout=0.1)
-    assert "_FusedLoraBackward" not in _graph_nodes(with_dropout(x))
     assert "_FusedLoraBackward" in _graph_nodes(with_dropout.eval()(x))  # eval: dropout is the identity
     torch.testing.assert_close(with_dropout(x), _separate(with_dropout, x), rtol=0, atol=2e-6)
     torch.testing.assert_close(layer(x), _separate(layer, x), rtol=0, atol=2e-6)
@@ -166,7 +165,37 @@ def test_what_keeps_the_separate_modules(threads):
     assert "_FusedLoraBackward" not in _graph_nodes(layer(x))
 
 
-def _nf4_lora_layer() -> LoraLinear:
+def test_fused_dropout_is_peft_s_layer_with_nn_dropout_s_mask(threads):
+    """In training, LoRA's dropout runs inside the fused node (it took the separate modules, which add the update to
+    the base output as a new full-size tensor): its noise is drawn as torch's CPU dropout draws it, so for one seed
+    the layer is peft's LoRA layer with its nn.Dropout, values and gradients to float rounding, the same mask."""
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear as PeftLoraLinear
+
+    threads(1)
+    layer = _lora_layer(True, dropout=0.3)
+    config = LoraConfig(r=8, lora_alpha=12, lora_dropout=0.3)
+    peft = PeftLoraLinear(_lora_layer(True).base_layer, "default", config, r=8, lora_alpha=12, lora_dropout=0.3)
+    peft.lora_A["default"].weight.data.copy_(layer.lora_A.weight.data)
+    peft.lora_B["default"].weight.data.copy_(layer.lora_B.weight.data)
+    x, grad_out = torch.randn(3, 29, 48), torch.randn(3, 29, 40)
+    x_fused, x_peft = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.manual_seed(1)
+    y_fused = layer(x_fused)
+    torch.manual_seed(1)
+    y_peft = peft(x_peft)
+    assert "_FusedLoraBackward" in _graph_nodes(y_fused)
+    (y_fused * grad_out).sum().backward()
+    (y_peft * grad_out).sum().backward()
+    for got, want in [(y_fused, y_peft), (x_fused.grad, x_peft.grad),
+                      (layer.lora_A.weight.grad, peft.lora_A["default"].weight.grad),
+                      (layer.lora_B.weight.grad, peft.lora_B["default"].weight.grad)]:
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-6 * float(want.abs().max()))
+    torch.manual_seed(2)  # another seed's mask is far off: the dropout is on, and the same mask was drawn
+    assert not torch.allclose(layer(x), y_peft.detach(), atol=1e-3)
+
+
+def _nf4_lora_layer(dropout: float = 0.0) -> LoraLinear:
     """LoRA over a real bitsandbytes NF4 + double-quant layer (quantized on the CPU), with a bias and a non-zero B."""
     import bitsandbytes as bnb
 
@@ -176,29 +205,56 @@ def _nf4_lora_layer() -> LoraLinear:
     quantized.weight = bnb.nn.Params4bit(dense.weight.data, requires_grad=False, quant_type="nf4",
                                          compress_statistics=True)
     quantized.bias = nn.Parameter(dense.bias.data, requires_grad=False)
-    layer = LoraLinear(quantized.to("cpu"), r=8, alpha=12)
+    layer = LoraLinear(quantized.to("cpu"), r=8, alpha=12, dropout=dropout)
     nn.init.normal_(layer.lora_B.weight, std=0.5)
     return layer
 
 
-def test_fused_layer_over_a_4bit_base_matches_bitsandbytes_modules(threads):
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_layer_over_a_4bit_base_matches_bitsandbytes_modules(dropout, threads):
     """QLoRA: the fused node multiplies by the NF4 weight with bitsandbytes' own functions; against the Linear4bit
-    module's autograd path plus separate LoRA products, values and gradients agree to float rounding."""
+    module's autograd path plus separate LoRA products (with dropout: nn.Dropout's mask for the same seed), values and
+    gradients agree to float rounding."""
     threads(1)
-    layer, reference = _nf4_lora_layer(), _nf4_lora_layer()
+    layer, reference = _nf4_lora_layer(dropout), _nf4_lora_layer()
     x = torch.randn(2, 23, 64)
     grad_out = torch.randn(2, 23, 40)
     x_fused, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
     assert fusable(layer.base_layer, layer.factors, x_fused)
+    torch.manual_seed(1)
     y_fused = layer(x_fused)
     a, b = reference.lora_A.weight, reference.lora_B.weight
-    y_ref = reference.base_layer(x_ref) + (x_ref @ a.T @ b.T) * reference.scaling  # bitsandbytes' MatMul4Bit
+    torch.manual_seed(1)
+    dropped = F.dropout(x_ref, dropout, training=True)
+    y_ref = reference.base_layer(x_ref) + (dropped @ a.T @ b.T) * reference.scaling  # bitsandbytes' MatMul4Bit
     assert "_FusedLoraBackward" in _graph_nodes(y_fused) and "MatMul4BitBackward" in _graph_nodes(y_ref)
     (y_fused * grad_out).sum().backward()
     (y_ref * grad_out).sum().backward()
     for got, want in [(y_fused, y_ref), (x_fused.grad, x_ref.grad), (layer.lora_A.weight.grad, a.grad),
                       (layer.lora_B.weight.grad, b.grad)]:
         torch.testing.assert_close(got, want, rtol=0, atol=2e-6 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_a_4bit_weight_is_dequantized_once_a_forward_and_once_a_backward(dropout, threads):
+    """QLoRA's fused node, with dropout or without, dequantizes the NF4 weight once for the forward and once for the
+    input's gradient (counted in torch's profiler, which sees bitsandbytes' registered ops): never kept dequantized,
+    never twice."""
+    from torch.profiler import ProfilerActivity, profile
+
+    threads(1)
+    layer = _nf4_lora_layer(dropout)
+    x = torch.randn(2, 23, 64, requires_grad=True)
+
+    def dequantized(run) -> int:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run()
+        return sum(e.name == "bitsandbytes::dequantize_4bit" for e in prof.events())
+
+    assert dequantized(lambda: layer(x).square().sum().backward()) == 2
+    assert "_FusedLoraBackward" in _graph_nodes(layer(x))
+    with torch.no_grad():
+        assert dequantized(lambda: layer(x)) == 1
 
 
 def test_a_4bit_base_the_fused_node_cannot_read_keeps_the_modules(threads):

@@ -122,9 +122,9 @@ class LoraLinear(_LoraLayer):
             nn.init.zeros_(self.lora_B.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        no_dropout = isinstance(self.lora_dropout, nn.Identity) or not self.training  # (eval: dropout is the identity)
-        if not self.merged and no_dropout and fusable(self.base_layer, self.factors, x):
-            return fused_lora(x, self.base_layer, self.lora_A, self.lora_B, self.scaling)  # one node (CPU; see lowrank)
+        if not self.merged and fusable(self.base_layer, self.factors, x):  # one node (CPU; see lowrank)
+            dropout = self.lora_dropout.p if self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
+            return fused_lora(x, self.base_layer, self.lora_A, self.lora_B, self.scaling, dropout)
         return self.adapted(x)
 
     @property

@@ -79,8 +79,9 @@ def cpu_fast_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 class _FusedLora(torch.autograd.Function):
-    """x W^T + b + s (x A^T) B^T for a frozen W (and b), one autograd node; W is a plain weight, or a bitsandbytes 4-bit
-    one with its `quant_state` (QLoRA), multiplied by bitsandbytes' own `matmul_4bit` and `dequantize_4bit`.
+    """x W^T + b + s (d(x) A^T) B^T for a frozen W (and b), one autograd node; W is a plain weight, or a bitsandbytes
+    4-bit one with its `quant_state` (QLoRA), multiplied by bitsandbytes' own `matmul_4bit` and `dequantize_4bit`;
+    d is LoRA's dropout with probability `dropout` (0: none), drawn as nn.Dropout draws it on the CPU.
 
     As separate modules, the layer's autograd graph adds the update to the base output, and the input's two
     gradients to each other, through new full-size tensors. Here the update accumulates into the base output and
@@ -90,8 +91,12 @@ class _FusedLora(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, quant_state):
-        h = _matmul(x, lora_a.t())
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, quant_state, dropout=0.0):
+        # torch's CPU dropout (at::dropout, which nn.Dropout calls): noise = bernoulli(1 - p) / (1 - p), x * noise;
+        # drawn here the same way, so one seed gives nn.Dropout's mask and its values bit for bit.
+        noise = torch.empty_like(x).bernoulli_(1 - dropout).div_(1 - dropout) if dropout else None
+        dropped = x if noise is None else x * noise
+        h = _matmul(dropped, lora_a.t())
         if quant_state is None:
             out = F.linear(x, weight, bias)
         else:
@@ -99,27 +104,30 @@ class _FusedLora(torch.autograd.Function):
 
             out = bnb.matmul_4bit(x, weight, quant_state=quant_state, bias=bias)  # what Linear4bit.forward calls
         out.addmm_(h, lora_b.t(), alpha=scaling)
-        # What the modules keep: x for A's gradient (not under LoRA-FA), h for B's; W and A for x's.
+        # What the modules keep: the dropped input for A's gradient (not under LoRA-FA), h for B's; W and A for x's,
+        # and the noise (dropout's backward).
         need_a, need_b = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        ctx.save_for_backward(x if need_a else None, h if need_b else None, weight, lora_a, lora_b)
+        ctx.save_for_backward(dropped if need_a else None, h if need_b else None, weight, lora_a, lora_b, noise)
         ctx.scaling, ctx.quant_state = scaling, quant_state
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, h, weight, lora_a, lora_b = ctx.saved_tensors
+        dropped, h, weight, lora_a, lora_b, noise = ctx.saved_tensors
         need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         grad_h = _matmul(grad, lora_b).mul_(ctx.scaling) if need_x or need_a else None
         grad_b = _matmul(grad.t(), h).mul_(ctx.scaling) if need_b else None
-        grad_a = grad_h.t() @ x if need_a else None
+        grad_a = grad_h.t() @ dropped if need_a else None
         grad_x = None
         if need_x:
             if ctx.quant_state is not None:  # as bitsandbytes' MatMul4Bit.backward: the weight dequantized again
                 from bitsandbytes.functional import dequantize_4bit
 
                 weight = dequantize_4bit(weight, ctx.quant_state).to(grad.dtype)
-            grad_x = (grad @ weight).addmm_(grad_h, lora_a)
-        return grad_x, None, None, grad_a, grad_b, None, None
+            grad_x = grad @ weight
+            # Through the dropout, the update's input gradient is (grad_h A) * noise, as the modules' graph has it.
+            grad_x = grad_x.addmm_(grad_h, lora_a) if noise is None else grad_x.add_((grad_h @ lora_a).mul_(noise))
+        return grad_x, None, None, grad_a, grad_b, None, None, None
 
 
 def _quant_state(base: nn.Module, x: torch.Tensor):
@@ -154,9 +162,11 @@ def fusable(base: nn.Module, factors: tuple[nn.Module, nn.Module], x: torch.Tens
             and not torch.is_autocast_enabled("cpu"))
 
 
-def fused_lora(x: torch.Tensor, base: nn.Module, lora_a: nn.Linear, lora_b: nn.Linear, scaling: float) -> torch.Tensor:
-    """base(x) + lora_b(lora_a(x)) * scaling through `_FusedLora` (check `fusable` first)."""
+def fused_lora(x: torch.Tensor, base: nn.Module, lora_a: nn.Linear, lora_b: nn.Linear, scaling: float,
+               dropout: float = 0.0) -> torch.Tensor:
+    """base(x) + lora_b(lora_a(dropout(x))) * scaling through `_FusedLora` (check `fusable` first); `dropout`: its
+    probability, 0 for none (eval)."""
     quant_state = None if type(base) is nn.Linear else _quant_state(base, x)
     flat = _FusedLora.apply(x.reshape(-1, x.shape[-1]), base.weight, base.bias, lora_a.weight, lora_b.weight, scaling,
-                            quant_state)
+                            quant_state, dropout)
     return flat.reshape(*x.shape[:-1], flat.shape[-1])
