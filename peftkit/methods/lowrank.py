@@ -104,20 +104,21 @@ class _FusedLora(torch.autograd.Function):
 
             out = bnb.matmul_4bit(x, weight, quant_state=quant_state, bias=bias)  # what Linear4bit.forward calls
         out.addmm_(h, lora_b.t(), alpha=scaling)
-        # What the modules keep: the dropped input for A's gradient (not under LoRA-FA), h for B's; W and A for x's,
-        # and the noise (dropout's backward).
+        # Kept: x for A's gradient (not under LoRA-FA), h for B's, W and A for x's, and the noise (dropout's backward).
+        # With dropout the dropped input is made again in backward, not kept: the layers reading one x (q/k/v,
+        # gate/up) keep it once, where the modules kept a dropped copy per layer.
         need_a, need_b = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        ctx.save_for_backward(dropped if need_a else None, h if need_b else None, weight, lora_a, lora_b, noise)
+        ctx.save_for_backward(x if need_a else None, h if need_b else None, weight, lora_a, lora_b, noise)
         ctx.scaling, ctx.quant_state = scaling, quant_state
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        dropped, h, weight, lora_a, lora_b, noise = ctx.saved_tensors
+        x, h, weight, lora_a, lora_b, noise = ctx.saved_tensors
         need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         grad_h = _matmul(grad, lora_b).mul_(ctx.scaling) if need_x or need_a else None
         grad_b = _matmul(grad.t(), h).mul_(ctx.scaling) if need_b else None
-        grad_a = grad_h.t() @ dropped if need_a else None
+        grad_a = grad_h.t() @ (x if noise is None else x * noise) if need_a else None
         grad_x = None
         if need_x:
             if ctx.quant_state is not None:  # as bitsandbytes' MatMul4Bit.backward: the weight dequantized again
