@@ -240,8 +240,9 @@ def test_other_tools_keys_are_pointed_at_what_they_are_here(tmp_path, after, add
 
 def test_report_to_takes_one_tracker_as_transformers_does(tmp_path):
     """`report_to: wandb` (transformers' TrainingArguments' form) was "must be a valid list": a list of one; `none`
-    is none."""
-    for value, trackers in (("tensorboard", ["tensorboard"]), ("none", [])):
+    is none, and `[none]`, transformers' list form of it (was "must be one of 'tensorboard', 'wandb' or
+    'mlflow'")."""
+    for value, trackers in (("tensorboard", ["tensorboard"]), ("none", []), ("[none]", []), ('["none"]', [])):
         text = RECIPE.replace("training:\n", f"training:\n  report_to: {value}\n")
         assert load_recipe(_write(tmp_path, text)).training.report_to == trackers
 

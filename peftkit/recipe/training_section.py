@@ -177,8 +177,11 @@ class TrainingConfig(Section):
     @field_validator("report_to", mode="before")
     @classmethod
     def _one_tracker(cls, value: Any) -> Any:
-        """`report_to: wandb`, one tracker as transformers' TrainingArguments take it: a list of one; `none`: none."""
-        return ([] if value == "none" else [value]) if isinstance(value, str) else value
+        """`report_to: wandb`, one tracker as transformers' TrainingArguments take it: a list of one; `none`, and
+        `[none]` (which transformers takes too), none."""
+        if value in ("none", ["none"]):
+            return []
+        return [value] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainingConfig:
