@@ -167,3 +167,30 @@ def test_a_hub_dataset_s_class_label_is_read_and_its_names_are_in_the_rows_diges
     assert changed_input({"data.train": {"rows": digests["rows"]}}, {"data.train": digests}) is None
     assert changed_input({"data.train": digests | {"classes": "0" * 64}}, {"data.train": digests}) == (
         "data.train: the ClassLabel names read from the hub changed")
+
+
+def test_a_class_label_column_outside_a_classifier_s_label_is_read_as_its_ids(tmp_path, tiny_llama):
+    """Only a classifier's label reads a ClassLabel as its names: an alpaca dataset's extra ClassLabel column
+    (`source`) leaves its examples those of the same rows without it, and a ClassLabel mapped to a text field
+    (output: label) is a bad row that says what it holds: it said 'got ClassId', peftkit's own type."""
+    from peftkit.data.loading import load_examples
+
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_llama)))
+    rows = [{"instruction": r["text"], "output": r["label"], "source": i % 2}
+            for i, r in enumerate(sentiment_rows(6, seed=3))]
+    features = Features({"instruction": Value("string"), "output": Value("string"),
+                         "source": ClassLabel(names=["web", "book"])})
+    datasets.Dataset.from_list(rows, features=features).save_to_disk(str(tmp_path / "alpaca"))
+    write_jsonl(tmp_path / "alpaca.jsonl", [{k: r[k] for k in ("instruction", "output")} for r in rows])
+    read = [load_examples(tok, str(tmp_path / name), "train", DataConfig(train=str(tmp_path / name)), cache=False)[0]
+            for name in ("alpaca", "alpaca.jsonl")]
+    assert [e.input_ids for e in read[0]] == [e.input_ids for e in read[1]] and len(read[0]) == 6
+
+    class_label_dataset(sentiment_rows(4, seed=3), ["negative", "positive"]).save_to_disk(str(tmp_path / "sst"))
+    cfg = DataConfig(train=str(tmp_path / "sst"), columns={"instruction": "text", "output": "label"})
+    with pytest.raises(PeftkitError) as err:
+        load_examples(tok, cfg.train, "train", cfg, cache=False)
+    label = sentiment_rows(4, seed=3)[0]["label"]
+    assert (f"[0]: column 'label' (data.columns.output) must be a string, got int (id "
+            f"{['negative', 'positive'].index(label)} named {label!r} of a ClassLabel; only data.format "
+            "classification's label reads a ClassLabel as its names)") in str(err.value)

@@ -38,6 +38,16 @@ class ClassId(int):
         return self.names[self] if 0 <= self < len(self.names) else None
 
 
+def type_name(value: object) -> str:
+    """`value`'s type as a bad row's message names it: a `ClassId` (a ClassLabel column that is not a classifier's
+    label) as the int it stores, with its name, not as peftkit's own class."""
+    if isinstance(value, ClassId):
+        name = f" named {value.name!r}" if value.name is not None else ""
+        return (f"int (id {int(value)}{name} of a ClassLabel; only data.format classification's label reads a "
+                "ClassLabel as its names)")
+    return "null" if value is None else type(value).__name__
+
+
 def class_label_names(dataset) -> dict[str, tuple[str, ...]]:
     """{column: its names} of each ClassLabel column of a `datasets.Dataset` (top-level columns only)."""
     import datasets

@@ -9,6 +9,7 @@ import re
 
 from peftkit.data.class_labels import ClassId
 from peftkit.data.class_labels import label_problem as class_label_problem
+from peftkit.data.class_labels import type_name
 
 REQUIRED_FIELDS = {"alpaca": ("instruction", "output"), "chat": ("messages",), "completion": ("prompt", "completion"),
                    "text": ("text",), "classification": ("text", "label"), "preference": ("chosen", "rejected"),
@@ -444,7 +445,7 @@ def _call_problem(call: dict) -> str | None:
 
 def _text_problem(name: str, value: object) -> str | None:
     if not isinstance(value, str):
-        return f"{name} must be a string, got {'null' if value is None else type(value).__name__}"
+        return f"{name} must be a string, got {type_name(value)}"
     if bad := _SURROGATE.search(value):
         return (f"{name} holds a lone surrogate \\u{ord(bad.group()):04x} at character {bad.start()}, which is not "
                 "valid Unicode and cannot be tokenized")
