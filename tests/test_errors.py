@@ -597,6 +597,17 @@ def test_an_unusable_output_dir_gets_an_output_s_advice(tmp_path):
      "'adapter:'; use --set quantization.method=[lora] or --set adapter.method=[lora]."),  # a list: no traceback
     ("data.batch_size=x", "--set data.batch_size: unknown key 'batch_size' in data: it is a key of 'training:' and of "
      "'eval:'; use --set training.batch_size=x or --set eval.batch_size=x."),
+    # another tool's name for another section's key, as a recipe file's says it (was "Did you mean 'max_steps'?",
+    # "'target_parameters'?", "'num_workers'?": other settings)
+    ("training.max_seq_length=100", "--set training.max_seq_length: unknown key 'max_seq_length' in training: it is "
+     "data's 'max_length' here; use --set data.max_length=100."),
+    ("adapter.learning_rate=1e-4", "--set adapter.learning_rate: unknown key 'learning_rate' in adapter: it is "
+     "training's 'lr' here; use --set training.lr=1e-4."),
+    ("data.num_epochs=2", "--set data.num_epochs: unknown key 'num_epochs' in data: it is training's 'epochs' here; "
+     "use --set training.epochs=2."),
+    ("lora_r=8", "--set lora_r: unknown key 'lora_r' in the recipe: it is adapter's 'r' here; use --set adapter.r=8."),
+    ("eval.micro_batch_size=4", "--set eval.micro_batch_size: unknown key 'micro_batch_size' in eval. Did you mean "
+     "'batch_size'?"),  # (its own section's: eval's)
 ])
 def test_bad_override(tmp_path, override, expected):
     assert _error(_write(tmp_path, RECIPE), [override]).startswith(expected)

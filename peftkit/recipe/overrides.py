@@ -8,7 +8,7 @@ import yaml
 from peftkit.errors import PeftkitError
 from peftkit.methods import METHODS
 from peftkit.recipe.keys import (_field_order, _home_sections, _method_without, _plain_value, _section_model,
-                                 _suggest)
+                                 _suggest, _synonym_home)
 from peftkit.recipe.reader import _parse_yaml, _YamlProblem
 
 def _apply_override(data: dict, assignment: str) -> None:
@@ -25,8 +25,13 @@ def _apply_override(data: dict, assignment: str) -> None:
                 raise _set_into_a_value(key.strip(), parts[: depth - 1])
             valid = _field_order(model)
             where = ".".join(parts[: depth - 1]) or "the recipe"
+            value = _plain_value(raw) if depth == len(parts) else None
+            if depth <= 2 and (moved := _synonym_home(parts[depth - 1], tuple(parts[: depth - 1]), data, value)) \
+                    and moved[1] not in valid:  # (as a recipe file's: `messages._key_message`)
+                raise PeftkitError(f"--set {key}: unknown key '{parts[depth - 1]}' in {where}: it is {moved[0]}'s "
+                                   f"'{moved[1]}' here; use --set {'.'.join([*moved, *parts[depth:]])}={raw}.")
             if depth <= 2 and (homes := _home_sections(parts[depth - 1], tuple(parts[: depth - 1]), data,
-                                                       _plain_value(raw) if depth == len(parts) else None)):
+                                                       value)):
                 moved = " or ".join(f"--set {'.'.join([home, *parts[depth - 1:]])}={raw}" for home in homes)
                 raise PeftkitError(f"--set {key}: unknown key '{parts[depth - 1]}' in {where}: it is a key of "
                                    + " and of ".join(f"'{h}:'" for h in homes) + f"; use {moved}.")
