@@ -87,10 +87,11 @@ class _Streamer:
 
     def end(self) -> None:
         """Print what was held back and the reply's end, from the whole reply's text (a reply cut in the middle of
-        a UTF-8 character ends in U+FFFD, as the conversation keeps it)."""
+        a UTF-8 character ends in U+FFFD, as the conversation keeps it); an empty reply said to be one, as
+        `peftkit generate` says it (`model> ` alone read as if the chat had failed)."""
         self.unshown = reply_text(self.tok, self.ids)[self.shown:]
         self._show(done=True)
-        self.write("\n")
+        self.write("\n" if self.shown else "(an empty answer)\n")
 
 
 def chat_loop(model: nn.Module, tok, sampling: Sampling, read: Callable[[str], str] = input,

@@ -367,7 +367,7 @@ def test_the_streamed_text_is_the_reply_s_text(make_tok):
         final = visible(cut_at_stop(whole, texts)).replace("\r", "")  # (as the screen shows it)
         after_each, shown = _stream(tok, ids, texts)
         assert all(final.startswith(text) for text in after_each), (trial, texts, whole)
-        assert "".join(shown) == final + "\n", (trial, texts, whole)
+        assert "".join(shown) == (final or "(an empty answer)") + "\n", (trial, texts, whole)  # (cut at its start)
         checked += 1
         split += any("\ufffd" in tok.decode(ids[i:i + 1]) for i in range(len(ids)))
         cut += any(t in whole for t in texts)
@@ -405,3 +405,17 @@ def test_a_reply_s_special_tokens_stay_in_the_conversation_and_off_the_screen(ti
     assert messages[1]["content"] == tok.decode([t for t in ids if t != tok.unk_token_id], skip_special_tokens=False)
     assert f"model> {tok.decode(ids, skip_special_tokens=True)}\n" in "".join(shown)
     assert "<calc>" not in "".join(shown)
+
+
+def test_an_empty_reply_is_said_to_be_one(tiny_llama, tmp_path):
+    """A model that answers nothing (every logit 0: greedy takes <pad>, which decodes to nothing; an instruct model
+    whose first token is its end of turn) showed `model> ` and an empty line, as if the chat had failed; it says
+    so, as `peftkit generate` does (the conversation keeps the empty reply)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    lines, shown = iter(["hi", "/exit"]), []
+    messages = chat_loop(model, tok, Sampling(max_new_tokens=2), read=lambda _: next(lines), write=shown.append)
+    assert "model> (an empty answer)\n" in "".join(shown)
+    assert messages == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]
