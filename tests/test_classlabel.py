@@ -71,7 +71,8 @@ def test_class_label_names_order_no_label_and_mismatched_eval_names(tmp_path, ti
     that trains on no row), and model.num_labels must count them all; datasets' no-label -1 is a bad row named by
     its place, skipped under on_bad_rows: skip; an eval set whose ClassLabel names a class the model lacks is
     refused, naming it; a mix of two ClassLabels that name the classes otherwise too; a model whose classes are only
-    numbered reads the ids. Each read as ids on the old code."""
+    numbered reads the ids; a mix of the same names in another order reads each row by its name. Each read as ids on
+    the old code."""
     tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_bert)))
     rows = sentiment_rows(8, seed=3)
     names = ["positive", "negative", "neutral"]  # (neutral: no row)
@@ -120,6 +121,13 @@ def test_class_label_names_order_no_label_and_mismatched_eval_names(tmp_path, ti
         f"({tmp_path / 'dd'}[train][0]: positive, negative, neutral; {tmp_path / 'other'}[0]: neg, pos, neutral), so a "
         "class id means one class in one dataset and another in the other. Give them one ClassLabel (datasets' "
         "Dataset.align_labels_with_mapping, or cast_column), or labels as class names.")
+    # the same names in another order are one ClassLabel (refused as the above on the previous code): the first's
+    # order, each row read by its name
+    class_label_dataset(rows[:2], ["neutral", "negative", "positive"]).save_to_disk(str(tmp_path / "reordered"))
+    mix = DataConfig(train=[str(tmp_path / "dd"), str(tmp_path / "reordered")], format="classification")
+    examples, _, labels = load_classification(tok, mix.train, None, mix)
+    assert labels.names == ("positive", "negative", "neutral")
+    assert [e.labels[0] for e in examples] == [names.index(r["label"]) for r in rows + rows[:2]]
 
 
 def test_a_class_label_with_a_name_no_row_uses_trains_a_head_output_for_it(tmp_path, tiny_bert):
