@@ -244,6 +244,9 @@ def check_adapter_dir(path: Path) -> Path:
         named = sorted(d.name for d in path.iterdir() if (d / CONFIG_NAME).is_file()) if path.is_dir() else []
         hint = (f" It is a training run's directory: its adapter is {path / 'adapter'}." if (path / "adapter" / CONFIG_NAME).exists()
                 else " It holds a full model (config.json); pass it as --model/--base instead." if (path / "config.json").exists()
+                else f" It is a training run's directory holding no adapter/ (export.adapter: false); its model with "
+                     f"the adapter merged in is {path / 'merged'} (eval, generate and chat take it as --model)." if (path / "recipe.yaml").is_file()
+                and (path / "merged" / "config.json").is_file()
                 else " It is a training run's directory holding no adapter/ (export.adapter: false, or the run has not "
                      "finished: `peftkit train RECIPE --resume` finishes it)." if (path / "recipe.yaml").is_file()
                 else f" Its subdirectories {', '.join(named[:5])}{', ...' * (len(named) > 5)} hold adapters (peft saves "

@@ -330,6 +330,14 @@ def test_a_run_that_has_exported_no_adapter_yet_is_said_to_be_one(tmp_path, monk
     assert (f"error: {run} is not a PEFT adapter directory: it has no adapter_config.json. It is a training run's "
             "directory holding no adapter/ (export.adapter: false, or the run has not finished: `peftkit train RECIPE "
             "--resume` finishes it).") in err
+    # a finished run of export.adapter: false and export.merged: true: its merged/ is named (eval's --adapter RUN
+    # said the above, the merged model beside it unsaid)
+    (run / "merged").mkdir()
+    (run / "merged" / "config.json").write_text("{}")
+    err = " ".join(cli_user_error(monkeypatch, capsys, "eval", "--adapter", str(run), "--data", "x.jsonl").split())
+    assert (f"error: {run} is not a PEFT adapter directory: it has no adapter_config.json. It is a training run's "
+            f"directory holding no adapter/ (export.adapter: false); its model with the adapter merged in is "
+            f"{run / 'merged'} (eval, generate and chat take it as --model).") in err
 
 
 def test_a_lora_tensor_without_its_rank_dimension_is_said_not_a_traceback(tiny_llama, tmp_path, monkeypatch, capsys):
