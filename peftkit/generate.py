@@ -84,8 +84,10 @@ def generate_job(recipe: Path | None, overrides: list[str], model: str | None, a
                            "rows are rendered with the chat template already). Drop --chat, or give --prompt TEXT.")
     check_choices(fmt, None)
     source, cfg = model_source(recipe, overrides, model, adapter, trust_remote_code, "generate")
-    if prompts and not chat and cfg is not None and cfg.data.format == "chat":  # (an instruct model: often EOS at once)
-        warnings.warn(f"{recipe} trains on conversations (data.format: chat), and --prompt is used as given, outside "
+    run = recipe if cfg is not None else _run_of(adapter)  # (a run's --adapter RUN_DIR: its recipe.yaml says)
+    trained_on = cfg.data.format if cfg is not None else _run_format(run)
+    if prompts and not chat and trained_on == "chat":  # (an instruct model: often EOS at once)
+        warnings.warn(f"{run} trains on conversations (data.format: chat), and --prompt is used as given, outside "
                       "the chat template: pass --chat to give it as a user turn, as training's prompts were.",
                       PeftkitWarning, stacklevel=2)
     job = GenerateJob(source=source, prompts=prompts, chat=chat, limit=limit, sampling=sampling, batch_size=batch_size,
@@ -128,6 +130,24 @@ def check_arrow(adapters: list[tuple[str, str]], arrow: ArrowSettings | None, ge
         missing = next((name for name in general if name not in names), None)
         raise PeftkitError("--arrow routes among named adapters: pass them as --adapter NAME=DIR"
                            + (f" (--general {missing} names none of them)." if missing else "."))
+
+
+def _run_of(adapter: str | None) -> Path | None:
+    """The training run whose adapter/ `adapter` is (`--adapter RUN_DIR` reads RUN_DIR/adapter), else None."""
+    path = Path(adapter) if adapter else None
+    if path is not None and path.name == "adapter" and (path.parent / "recipe.yaml").is_file():
+        return path.parent
+    return None
+
+
+def _run_format(run: Path | None) -> str | None:
+    """data.format of a run's recipe.yaml (which records it set), or None where there is none to read."""
+    import yaml
+
+    try:
+        return yaml.safe_load((run / "recipe.yaml").read_text())["data"]["format"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):  # (run None: TypeError)
+        return None
 
 
 def _check_route(adapters: list[tuple[str, str]], route: str | None, data: str | None, arrow: bool = False) -> None:

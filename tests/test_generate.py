@@ -701,8 +701,8 @@ def test_a_chat_run_s_prompt_given_as_is_is_warned_and_an_empty_answer_said(tiny
                                                                             monkeypatch, capsys):
     """`peftkit generate RUN --prompt TEXT` of a run trained on conversations gives TEXT as is, outside the chat
     template: SmolLM2-135M-Instruct's LoRA run answered nothing (its first token an end of turn), and the screen
-    showed the prompt alone, as if the command had failed. A warning says to pass --chat, and an empty answer is
-    said to be one."""
+    showed the prompt alone, as if the command had failed. A warning says to pass --chat (for --adapter RUN_DIR
+    too), and an empty answer is said to be one."""
     import sys
 
     from peftkit.cli import main
@@ -723,3 +723,14 @@ def test_a_chat_run_s_prompt_given_as_is_is_warned_and_an_empty_answer_said(tiny
                 "outside the chat template: pass --chat to give it as a user turn, as training's prompts were."
                 in " ".join(err.split())) is warned, err
         assert "(an empty answer)" in out, out
+    # --adapter RUN_DIR (its adapter/, 7b28871) of such a run: its recipe.yaml says so (no warning on the old code)
+    from peft import LoraConfig, get_peft_model
+
+    run = tmp_path / "run"
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(run / "adapter")
+    (run / "recipe.yaml").write_text(f"model: {{name_or_path: {silent}}}\ndata: {{train: x.jsonl, format: chat}}\n")
+    monkeypatch.setattr(sys, "argv", ["peftkit", "generate", "--adapter", str(run), "--prompt", "hi",
+                                      "--max-new-tokens", "2"])
+    main()
+    out, err = capsys.readouterr()
+    assert f"warning: {run} trains on conversations (data.format: chat)" in " ".join(err.split()), err
