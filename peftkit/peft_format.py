@@ -225,6 +225,28 @@ def unreadable_safetensors(file: Path, error: Exception, fix: str) -> PeftkitErr
     return PeftkitError(f"{file} is truncated or corrupt ({size:,} bytes; safetensors says: {error}). {fix}.")
 
 
+def _not_an_adapter(path: Path) -> str:
+    """What the directory `path`, which holds no adapter_config.json, is instead (a run, a model, peft's save of
+    several adapters), and what to give; '' where nothing is known."""
+    run = (path / "recipe.yaml").is_file()
+    if (path / "adapter" / CONFIG_NAME).exists():
+        return f" It is a training run's directory: its adapter is {path / 'adapter'}."
+    if (path / "config.json").exists():
+        return " It holds a full model (config.json); pass it as --model/--base instead."
+    if run and (path / "merged" / "config.json").is_file():
+        return (" It is a training run's directory holding no adapter/ (export.adapter: false); its model with the "
+                f"adapter merged in is {path / 'merged'} (eval, generate and chat take it as --model).")
+    if run:
+        return (" It is a training run's directory holding no adapter/ (export.adapter: false, or the run has not "
+                "finished: `peftkit train RECIPE --resume` finishes it).")
+    # peft's save_pretrained of a model with several adapters writes each but `default` to a subfolder of its name
+    if named := sorted(d.name for d in path.iterdir() if (d / CONFIG_NAME).is_file()):
+        return (f" Its subdirectories {', '.join(named[:5])}{', ...' * (len(named) > 5)} hold adapters (peft saves "
+                f"each adapter of a model but 'default' in one named after it): give one of those, e.g. "
+                f"{path / named[0]}.")
+    return ""
+
+
 def check_adapter_dir(path: Path) -> Path:
     """The weights file of the adapter directory `path`; a PeftkitError saying what is missing otherwise (no
     directory, a full model's directory, no safetensors weights)."""
@@ -240,20 +262,7 @@ def check_adapter_dir(path: Path) -> Path:
             f"its id (--adapter {path}), and `peftkit.hub.hub_adapter('{path}')` gives its directory." if hub else ""))
     config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not config_file.exists():
-        # peft's save_pretrained of a model with several adapters writes each but `default` to a subfolder of its name
-        named = sorted(d.name for d in path.iterdir() if (d / CONFIG_NAME).is_file()) if path.is_dir() else []
-        hint = (f" It is a training run's directory: its adapter is {path / 'adapter'}." if (path / "adapter" / CONFIG_NAME).exists()
-                else " It holds a full model (config.json); pass it as --model/--base instead." if (path / "config.json").exists()
-                else f" It is a training run's directory holding no adapter/ (export.adapter: false); its model with "
-                     f"the adapter merged in is {path / 'merged'} (eval, generate and chat take it as --model)." if (path / "recipe.yaml").is_file()
-                and (path / "merged" / "config.json").is_file()
-                else " It is a training run's directory holding no adapter/ (export.adapter: false, or the run has not "
-                     "finished: `peftkit train RECIPE --resume` finishes it)." if (path / "recipe.yaml").is_file()
-                else f" Its subdirectories {', '.join(named[:5])}{', ...' * (len(named) > 5)} hold adapters (peft saves "
-                     f"each adapter of a model but 'default' in one named after it): give one of those, e.g. "
-                     f"{path / named[0]}." if named
-                else "")
-        raise PeftkitError(f"{path} is not a PEFT adapter directory: it has no {CONFIG_NAME}.{hint}")
+        raise PeftkitError(f"{path} is not a PEFT adapter directory: it has no {CONFIG_NAME}.{_not_an_adapter(path)}")
     if not weights_file.exists():
         legacy = (" Only adapter_model.bin is there; peftkit loads safetensors only (it never unpickles). If you trust "
                   "the file, convert it: peft's PeftModel.from_pretrained(base, DIR).save_pretrained(NEW_DIR) writes "
