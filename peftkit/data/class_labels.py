@@ -80,10 +80,14 @@ def declared_classes(labels: list[tuple[str, object]], source: str) -> tuple[str
     """The ClassLabel names that `labels` ((location, label) of data.train's rows) carry, or None where none is a
     `ClassId`; an error where the datasets of a mix declare different ones. The same names in another order are one
     ClassLabel, in the first's order: each row's id is read as its name (`LabelSet.id_of`), never as the id."""
-    declared = {}
+    firsts = {}  # each ClassLabel once (a dataset's rows share its names' tuple), at its first row
     for where, label in labels:
-        if isinstance(label, ClassId) and not any(sorted(label.names) == sorted(n) for n in declared):
-            declared[label.names] = where
+        if isinstance(label, ClassId):
+            firsts.setdefault(id(label.names), (label.names, where))
+    declared = {}
+    for names, where in firsts.values():
+        if not any(sorted(names) == sorted(n) for n in declared):
+            declared[names] = where
     if len(declared) > 1:
         (a, at_a), (b, at_b) = list(declared.items())[:2]
         raise PeftkitError(f"{source}: its ClassLabel columns name the classes differently ({at_a}: "

@@ -73,7 +73,8 @@ class LabelSet:
         """The classes a ClassLabel column names, in its order, those no row uses too (a head's output each: a
         dataset's declared classes), checked against model.num_labels and against the string labels of a mix's
         other datasets (`labels`: (location, class name) of each row)."""
-        if other := next(((where, label) for where, label in labels if label not in names), None):
+        known = set(names)
+        if other := next(((where, label) for where, label in labels if label not in known), None):
             raise PeftkitError(f"{other[0]}: label {other[1]!r} is not one of the names of {source}'s ClassLabel "
                                f"({', '.join(names)}), which are the classes; fix the row, or give the classes one name.")
         if len(names) < 2:
