@@ -9,7 +9,8 @@ from collections.abc import Callable
 from torch import nn
 
 from peftkit.data.prompts import chat_prompt
-from peftkit.decoding import Sampling, TooLong, check_room, cut_at_stop, generate_ids, marked_text, stop_token_ids
+from peftkit.decoding import (Sampling, TooLong, blank_answer, check_room, cut_at_stop, generate_ids, marked_text,
+                              stop_token_ids)
 from peftkit.errors import Terminated, visible
 
 HELP = ("Type a message and press Enter. Ctrl-C stops a reply; /reset starts a new conversation, /exit (or Ctrl-D) "
@@ -87,11 +88,13 @@ class _Streamer:
 
     def end(self) -> None:
         """Print what was held back and the reply's end, from the whole reply's text (a reply cut in the middle of
-        a UTF-8 character ends in U+FFFD, as the conversation keeps it); an empty reply said to be one, as
-        `peftkit generate` says it (`model> ` alone read as if the chat had failed)."""
-        self.unshown = reply_text(self.tok, self.ids)[self.shown:]
+        a UTF-8 character ends in U+FFFD, as the conversation keeps it); an empty or whitespace-only reply said to
+        be one, as `peftkit generate` says it (`model> ` alone read as if the chat had failed)."""
+        whole = reply_text(self.tok, self.ids)
+        self.unshown = whole[self.shown:]
         self._show(done=True)
-        self.write("\n" if self.shown else "(an empty answer)\n")
+        note = blank_answer(whole[:self.shown])
+        self.write(("\n" if self.shown else "") + (f"{note}\n" if note else ""))
 
 
 def chat_loop(model: nn.Module, tok, sampling: Sampling, read: Callable[[str], str] = input,

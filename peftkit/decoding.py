@@ -190,6 +190,18 @@ def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
     return text[:min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))]
 
 
+def blank_answer(text: str) -> str | None:
+    """What is shown for an answer with nothing to see, None for one with text: an empty answer said to be one, and a
+    whitespace-only one (an instruct model's newline given a prompt outside its chat template) as its characters,
+    where a blank line read as if the command had failed."""
+    if text.strip():
+        return None
+    if not text:
+        return "(an empty answer)"
+    n = len(text)
+    return f"(an answer of {n} whitespace character{'s' * (n != 1)} only: {text[:12]!r}{'...' * (n > 12)})"
+
+
 def _holds(text: str, stop: tuple[str, ...]) -> bool:
     return any(s in text for s in stop)
 

@@ -85,9 +85,9 @@ def generate_job(recipe: Path | None, overrides: list[str], model: str | None, a
     check_choices(fmt, None)
     source, cfg = model_source(recipe, overrides, model, adapter, trust_remote_code, "generate")
     run = recipe if cfg is not None else _run_of(adapter)  # (a run's --adapter RUN_DIR: its recipe.yaml says)
-    trained_on = cfg.data.format if cfg is not None else _run_format(run)
-    if prompts and not chat and trained_on == "chat":  # (an instruct model: often EOS at once)
-        warnings.warn(f"{run} trains on conversations (data.format: chat), and --prompt is used as given, outside "
+    chat_key = _chat_key(cfg.data.model_dump() if cfg is not None else _run_data(run))
+    if prompts and not chat and chat_key:  # (an instruct model: often EOS at once)
+        warnings.warn(f"{run} trains on conversations ({chat_key}: chat), and --prompt is used as given, outside "
                       "the chat template: pass --chat to give it as a user turn, as training's prompts were.",
                       PeftkitWarning, stacklevel=2)
     job = GenerateJob(source=source, prompts=prompts, chat=chat, limit=limit, sampling=sampling, batch_size=batch_size,
@@ -140,14 +140,26 @@ def _run_of(adapter: str | None) -> Path | None:
     return None
 
 
-def _run_format(run: Path | None) -> str | None:
-    """data.format of a run's recipe.yaml (which records it set), or None where there is none to read."""
+def _run_data(run: Path | None) -> dict | None:
+    """The data section of a run's recipe.yaml (which records every key set), or None where there is none to read."""
     import yaml
 
     try:
-        return yaml.safe_load((run / "recipe.yaml").read_text())["data"]["format"]
+        return yaml.safe_load((run / "recipe.yaml").read_text())["data"]
     except (OSError, yaml.YAMLError, KeyError, TypeError):  # (run None: TypeError)
         return None
+
+
+def _chat_key(data: dict | None) -> str | None:
+    """The key saying a data section trains on conversations: `data.format`, or the first entry of a data.train list
+    mixing conversations with other rows (`data.train[1].format`); None where none does."""
+    if not isinstance(data, dict):
+        return None
+    if data.get("format") == "chat":
+        return "data.format"
+    train = data.get("train")
+    return next((f"data.train[{i}].format" for i, entry in enumerate(train if isinstance(train, list) else [])
+                 if isinstance(entry, dict) and entry.get("format") == "chat"), None)
 
 
 def _check_route(adapters: list[tuple[str, str]], route: str | None, data: str | None, arrow: bool = False) -> None:

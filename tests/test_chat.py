@@ -340,7 +340,7 @@ def test_the_streamed_text_is_the_reply_s_text(make_tok):
 
     import tests.test_generate
     from peftkit.chat import reply_text
-    from peftkit.decoding import cut_at_stop
+    from peftkit.decoding import blank_answer, cut_at_stop
     from peftkit.errors import visible
 
     tok = getattr(tests.test_generate, make_tok)()
@@ -367,7 +367,8 @@ def test_the_streamed_text_is_the_reply_s_text(make_tok):
         final = visible(cut_at_stop(whole, texts)).replace("\r", "")  # (as the screen shows it)
         after_each, shown = _stream(tok, ids, texts)
         assert all(final.startswith(text) for text in after_each), (trial, texts, whole)
-        assert "".join(shown) == (final or "(an empty answer)") + "\n", (trial, texts, whole)  # (cut at its start)
+        note = blank_answer(cut_at_stop(whole, texts))  # (cut at its start: an empty answer; whitespace: said so)
+        assert "".join(shown) == (final + "\n" if final else "") + (note + "\n" if note else ""), (trial, texts, whole)
         checked += 1
         split += any("\ufffd" in tok.decode(ids[i:i + 1]) for i in range(len(ids)))
         cut += any(t in whole for t in texts)
@@ -419,3 +420,22 @@ def test_an_empty_reply_is_said_to_be_one(tiny_llama, tmp_path):
     messages = chat_loop(model, tok, Sampling(max_new_tokens=2), read=lambda _: next(lines), write=shown.append)
     assert "model> (an empty answer)\n" in "".join(shown)
     assert messages == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]
+
+
+def test_a_whitespace_reply_is_said_to_be_one(tiny_llama):
+    """A reply of newlines alone (an instruct model given text outside its template) printed as blank lines, read as
+    if the chat had failed: its characters are said after it (the conversation keeps the reply as it was)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    newline = tok.convert_tokens_to_ids("\n")
+
+    def newlines(module, args, logits):
+        logits = torch.zeros_like(logits)
+        logits[..., newline] = 1.0
+        return logits
+
+    model.lm_head.register_forward_hook(newlines)
+    lines, shown = iter(["hi", "/exit"]), []
+    messages = chat_loop(model, tok, Sampling(max_new_tokens=3), read=lambda _: next(lines), write=shown.append)
+    assert "model> \n\n\n\n(an answer of 3 whitespace characters only: '\\n\\n\\n')\n" in "".join(shown)
+    assert messages[1] == {"role": "assistant", "content": "\n\n\n"}

@@ -734,3 +734,20 @@ def test_a_chat_run_s_prompt_given_as_is_is_warned_and_an_empty_answer_said(tiny
     main()
     out, err = capsys.readouterr()
     assert f"warning: {run} trains on conversations (data.format: chat)" in " ".join(err.split()), err
+    # a data.train list mixing alpaca rows with conversations: its data.format is alpaca (no warning on the old code)
+    (run / "recipe.yaml").write_text(f"model: {{name_or_path: {silent}}}\ndata: {{train: [a.jsonl, {{path: c.jsonl, "
+                                     "format: chat}], format: alpaca}\n")
+    main()
+    out, err = capsys.readouterr()
+    assert f"warning: {run} trains on conversations (data.train[1].format: chat)" in " ".join(err.split()), err
+
+
+def test_an_answer_with_nothing_to_see_is_said_to_be_one():
+    """What `peftkit generate` and `peftkit chat` show for an answer that prints blank: an empty one, and one of
+    whitespace alone (printed as a blank line, as if the command had failed), given by its characters."""
+    from peftkit.decoding import blank_answer
+
+    assert blank_answer("") == "(an empty answer)"
+    assert blank_answer("\n") == "(an answer of 1 whitespace character only: '\\n')"
+    assert blank_answer(" \t" * 7) == "(an answer of 14 whitespace characters only: ' \\t \\t \\t \\t \\t \\t'...)"
+    assert blank_answer(" a ") is None

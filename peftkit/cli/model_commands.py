@@ -247,9 +247,12 @@ def generate(
         check_json_out(json_out, "--json", inputs + job_inputs(job), "completions.json")
 
     def show(prompts, completions) -> None:
+        from peftkit.decoding import blank_answer
+
         for p, c in zip(prompts, completions, strict=True):
-            console.print(Text.assemble((visible(p.text), "dim"), visible(c) or ("(an empty answer)",
-                                                                                "italic")), highlight=False)  # no markup
+            note = blank_answer(c)
+            console.print(Text.assemble((visible(p.text), "dim"), (note, "italic") if note else visible(c)),
+                          highlight=False)  # no markup
             console.rule(style="dim", characters="─" if console.encoding.startswith("utf") else "-")
 
     results = run_generate(job, on_batch=None if json_out else show)
