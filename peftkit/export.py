@@ -48,7 +48,7 @@ def export(model, tok, cfg: Recipe, targets: list[str], out: Path, method_traine
             if cfg.model.add_tokens:  # the tokenizer with the new tokens, for peft's and vLLM's users (Trainer's way)
                 tok.save_pretrained(tmp)
             atomic_write_bytes(tmp / CARD_NAME, model_card(cfg, config["peft_type"], metrics or {},
-                                                            len(labels.names) if labels is not None else None).encode())
+                                                            list(labels.names) if labels is not None else None).encode())
             if cfg.data.chat_template is not None:  # the template it was trained with, which its base's tokenizer lacks
                 atomic_write_bytes(tmp / ADAPTER_TEMPLATE, tok.chat_template.encode())
         exported.append(out / "adapter")

@@ -10,6 +10,7 @@ by) only for a base named by a hub id, since the Hub refuses a `base_model` that
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -31,10 +32,10 @@ PEFT_LOADS_WITH = {"XLORA": (["from peft import PeftConfig"], [
 """peft_types whose peft loading takes more: lines before the imports' end, and the lines that load it."""
 
 
-def model_card(cfg: Recipe, peft_type: str, metrics: dict, num_labels: int | None = None) -> str:
+def model_card(cfg: Recipe, peft_type: str, metrics: dict, labels: list[str] | None = None) -> str:
     """The card's text. `metrics`: the run's evaluations as the manifest names them (`base_eval_loss`, `eval_loss`,
-    `eval_perplexity`, `eval_<metric>`...), those of the exported adapter. `num_labels`: a classifier's classes as
-    the run found them (model.num_labels, or read from data.train)."""
+    `eval_perplexity`, `eval_<metric>`...), those of the exported adapter. `labels`: a classifier's classes as the
+    run found them (the model's, or read from data.train), in the order of its head's outputs."""
     base = cfg.model.name_or_path
     hub_base = not Path(base).is_dir()
     task = "text-classification" if cfg.classifier else "text-generation"
@@ -46,7 +47,7 @@ def model_card(cfg: Recipe, peft_type: str, metrics: dict, num_labels: int | Non
              f"# {cfg.adapter.method} adapter for `{_shown(base, hub_base)}`", "",
              f"Trained with peftkit {__version__} on {_data(cfg)}, {_length(cfg)}.{_objective(cfg)}", ""]
     lines += _results(metrics, cfg.classification, list(cfg.data.eval) if isinstance(cfg.data.eval, dict) else [])
-    lines += _usage(cfg, peft_type, base, hub_base, num_labels or cfg.model.num_labels)
+    lines += _usage(cfg, peft_type, base, hub_base, labels)
     sections = {"adapter": _named(cfg.adapter.model_dump(mode="json", exclude_none=True)),
                 "training": cfg.training.model_dump(mode="json", exclude_defaults=True)}
     lines += ["## Training settings", "", "The recipe's adapter keys, and its training keys that differ from peftkit's "
@@ -138,7 +139,21 @@ def _results(metrics: dict, classifier: bool, sets: list[str]) -> list[str]:
     return ["## Evaluation", "", f"On the recipe's {where}:", "", *table, ""]
 
 
-def _usage(cfg: Recipe, peft_type: str, base: str, hub_base: bool, num_labels: int | None) -> list[str]:
+def _classes(cfg: Recipe, names: list[str] | None) -> tuple[list[str], str]:
+    """A classifier's snippet lines naming its classes, and the arguments that make its head: their names as the
+    config's id2label and label2id (a head of the right size alone printed LABEL_0, LABEL_1 in pipelines), or their
+    count where they are only numbered (model.num_labels without names; a reward model's one score)."""
+    if not cfg.classifier:
+        return [], ""
+    if not names or all(name in (str(i), f"LABEL_{i}") for i, name in enumerate(names)):
+        count = len(names) if names else cfg.model.num_labels
+        return [], f", num_labels={count}" if count else ""
+    return [f"labels = {json.dumps(names, ensure_ascii=False)}  # its classes, in the order of its head's outputs"], (
+        ", num_labels=len(labels), id2label=dict(enumerate(labels)),\n"
+        "    label2id={name: i for i, name in enumerate(labels)}")
+
+
+def _usage(cfg: Recipe, peft_type: str, base: str, hub_base: bool, labels: list[str] | None) -> list[str]:
     shown = base if hub_base else "PATH/TO/" + Path(base).name
     peftkit = ["```bash", "peftkit generate ADAPTER_DIR --prompt \"...\"    # also: peftkit chat, eval, merge", "```", ""]
     if cfg.classifier:  # a classifier (a reward model) generates nothing: it is scored
@@ -148,7 +163,7 @@ def _usage(cfg: Recipe, peft_type: str, base: str, hub_base: bool, num_labels: i
     if peft_type in PEFTKIT_ONLY:
         return ["## Use", "", "This method has no peft equivalent: load it with peftkit.", "", *peftkit]
     auto = "AutoModelForSequenceClassification" if cfg.classifier else "AutoModelForCausalLM"
-    labels = f", num_labels={num_labels}" if cfg.classifier and num_labels else ""
+    classes, labels = _classes(cfg, labels)
     # A hub base at the commit the run loaded (the recipe's revision, resolved at export): main may have moved on.
     revision = f", revision=\"{cfg.model.revision}\"" if hub_base and cfg.model.revision else ""
     template = [] if cfg.data.chat_template is None else [
@@ -177,5 +192,6 @@ def _usage(cfg: Recipe, peft_type: str, base: str, hub_base: bool, num_labels: i
     header, load = PEFT_LOADS_WITH.get(peft_type, ([], [
         "model = PeftModel.from_pretrained(base, \"ADAPTER_DIR\")  # this directory, or its hub id"]))
     return ["## Use", "", *quantized, *scaled, *template, *tokens, "```python", *header, "from peft import PeftModel",
-            imports, "", f"base = {auto}.from_pretrained(\"{shown}\"{revision}{labels})", *resize, *load, "```", "",
+            imports, "", *classes, f"base = {auto}.from_pretrained(\"{shown}\"{revision}{labels})", *resize, *load,
+            "```", "",
             "or with peftkit:", "", *peftkit]

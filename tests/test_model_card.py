@@ -86,13 +86,19 @@ def test_a_classifiers_card_has_its_labels_and_accuracy(tiny_llama, number_data,
     assert "perplexity" not in text  # a class has none
 
 
-def test_a_classifier_whose_classes_came_from_its_data_is_loaded_with_their_count(tiny_llama, number_data, tmp_path):
-    """model.num_labels unset: the classes are read from data.train (3 string labels here), and the snippet must say
-    num_labels=3, else transformers makes a 2-class head and peft cannot load the adapter's 3-row one into it."""
+def test_a_classifier_whose_classes_came_from_its_data_is_loaded_with_them(tiny_llama, number_data, tmp_path):
+    """model.num_labels unset: the classes are read from data.train (3 string labels here), and the snippet must make
+    a 3-class head (else transformers makes a 2-class one and peft cannot load the adapter's 3-row one into it) named
+    by them (test_seqcls runs the snippet); numbered classes (trained on ids) by their count."""
     cfg = _recipe(tmp_path, tiny_llama, number_data)
     classifier = cfg.model_copy(update={"model": cfg.model.model_copy(update={"task": "sequence_classification"})})
-    text = model_card(classifier, "LORA", {}, num_labels=3)
-    assert "from_pretrained(\"PATH/TO/tiny-llama\", num_labels=3)" in text
+    text = model_card(classifier, "LORA", {}, labels=["bad", "so-so", "gut \u00fcbel"])
+    assert 'labels = ["bad", "so-so", "gut \u00fcbel"]  # its classes, in the order of its head\'s outputs' in text
+    assert ("from_pretrained(\"PATH/TO/tiny-llama\", num_labels=len(labels), id2label=dict(enumerate(labels)),\n"
+            "    label2id={name: i for i, name in enumerate(labels)})") in text
+    for numbered in (["0", "1", "2"], ["LABEL_0", "LABEL_1", "LABEL_2"]):
+        text = model_card(classifier, "LORA", {}, labels=numbered)
+        assert "from_pretrained(\"PATH/TO/tiny-llama\", num_labels=3)" in text and "id2label" not in text
 
 
 def test_the_adapters_a_run_started_from_are_named_not_given_by_their_paths(tiny_llama, number_data, tmp_path):

@@ -107,7 +107,6 @@ def test_export_loads_in_peft_with_the_same_logits(tmp_path, base, sentiment, me
     assert not any(t.startswith(head_name) for t in config["target_modules"]), "the head is saved whole, not adapted"
     assert f"base_model.model.{head_name}.weight" in load_file(out / "adapter_model.safetensors")
     assert json.loads((out / "peftkit.json").read_text())["labels"] == ["negative", "positive"]
-    assert ", num_labels=2)" in (out / "README.md").read_text()  # the card's snippet: the classes the run found
 
     batch = batch_of(load_tokenizer(recipe.model), TEXTS)
     with torch.no_grad():
@@ -115,6 +114,15 @@ def test_export_loads_in_peft_with_the_same_logits(tmp_path, base, sentiment, me
     theirs = peft_logits(base, out, batch)
     diff = (ours - theirs).abs().max().item()
     assert diff <= 1e-5, diff
+    # The card's snippet, run as a user runs it, loads the adapter with the classes the run found, by name (it gave
+    # their count alone: pipelines said LABEL_0, LABEL_1)
+    snippet = (out / "README.md").read_text().split("```python\n")[1].split("```")[0]
+    scope: dict = {}
+    exec(snippet.replace(f"PATH/TO/{base.name}", str(base)).replace("ADAPTER_DIR", str(out)), scope)
+    config = scope["model"].config
+    assert config.id2label == {0: "negative", 1: "positive"} and config.label2id == {"negative": 0, "positive": 1}
+    with torch.no_grad():
+        assert torch.equal(scope["model"].eval()(**batch).logits, theirs)
     assert ours.std() > 0.1  # not trivially equal: the adapter and head moved the logits
 
 
