@@ -225,6 +225,16 @@ def unreadable_safetensors(file: Path, error: Exception, fix: str) -> PeftkitErr
     return PeftkitError(f"{file} is truncated or corrupt ({size:,} bytes; safetensors says: {error}). {fix}.")
 
 
+def run_adapter(path: str) -> str:
+    """A training run's directory (no adapter_config.json; its exported adapter/ holding one) as its adapter/, which
+    `--adapter RUN_DIR` and a recipe's adapter directories (adapter.init_from, X-LoRA's experts, AdapterFusion's
+    fuse) mean, as `eval RUN_DIR`, `generate RUN_DIR` and `push RUN_DIR` read it; else `path`."""
+    run = Path(path)
+    if run.is_dir() and not (run / CONFIG_NAME).exists() and (run / "adapter" / CONFIG_NAME).is_file():
+        return str(run / "adapter")
+    return path
+
+
 def _not_an_adapter(path: Path) -> str:
     """What the directory `path`, which holds no adapter_config.json, is instead (a run, a model, peft's save of
     several adapters), and what to give; '' where nothing is known."""

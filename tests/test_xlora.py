@@ -262,6 +262,24 @@ def test_refusals(tiny_llama, experts, number_data, tmp_path):
         load_adapted_model(str(tiny_llama), str(adapter))
 
 
+def test_a_run_directory_is_its_adapter_in_a_recipe_s_adapter_directories(tiny_llama, experts, number_data, tmp_path):
+    """A training run's directory given where a recipe names an adapter directory (X-LoRA's experts, init_from) is
+    its adapter/, as `--adapter RUN_DIR` reads it; it was refused ("its adapter is RUN/adapter")."""
+    from peftkit.recipe import load_recipe
+    from tests.conftest import method_recipe
+
+    run = tmp_path / "runs" / "expert"
+    shutil.copytree(experts["0"], run / "adapter")
+    (run / "recipe.yaml").write_text("adapter: {method: lora}\n")
+    recipe = load_recipe(method_recipe(tmp_path / "x", tiny_llama, number_data,
+                                       {"method": "xlora", "adapters": {"0": str(run), "1": experts["1"]}}))
+    assert recipe.adapter.adapters == {"0": str(run / "adapter"), "1": experts["1"]}
+    assert len(inject_adapters(_base(tiny_llama), recipe.adapter)) > 0  # the experts read from RUN/adapter
+    started = load_recipe(method_recipe(tmp_path / "i", tiny_llama, number_data,
+                                        {"method": "lora", "init_from": "../runs/expert"}))
+    assert started.adapter.init_from == str(run / "adapter")
+
+
 @pytest.mark.parametrize("settings", [{}, ALL_OPTIONS], ids=["defaults", "all-options"])
 def test_memory_estimate_is_an_upper_bound(settings, tiny_llama, experts):
     """What autograd saves in one forward beyond LoRA r=4's is at most what the estimate adds (tests/test_memory.py's

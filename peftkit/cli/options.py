@@ -126,6 +126,7 @@ def adapter_path(value: str, given: str | None = None) -> str:
     refused at once, not asked of the hub; `given`: how the error names it (default `--adapter VALUE`)."""
     from peftkit.hub import hub_adapter, hub_shaped
     from peftkit.local_or_hub import meant_locally, no_such_directory
+    from peftkit.peft_format import run_adapter
 
     local = local_path(value)
     if Path(local).exists():
@@ -135,17 +136,6 @@ def adapter_path(value: str, given: str | None = None) -> str:
                                 "a run directory, or a hub id user/name[@REV]")
 
     return hub_adapter(value) or local
-
-
-def run_adapter(path: str) -> str:
-    """A training run's directory (no adapter_config.json; its exported adapter/ holding one) as its adapter/, which
-    `--adapter RUN_DIR` means (as `eval RUN_DIR`, `generate RUN_DIR` and `push RUN_DIR` read it); else `path`."""
-    from peftkit.peft_format import CONFIG_NAME
-
-    run = Path(path)
-    if run.is_dir() and not (run / CONFIG_NAME).exists() and (run / "adapter" / CONFIG_NAME).is_file():
-        return str(run / "adapter")
-    return path
 
 
 def user_path(path: Path | None) -> Path | None:

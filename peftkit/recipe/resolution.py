@@ -94,6 +94,10 @@ def _usable(value: str, kind: str, loc: tuple, written: _Written) -> str:
                 raise
             written.missing_adapters.append(str(e))
             return resolved
+    if kind == "adapter":  # a training run's directory: its adapter/, as --adapter RUN_DIR reads it
+        from peftkit.peft_format import run_adapter
+
+        return run_adapter(resolved)
     return resolved
 
 
