@@ -65,7 +65,8 @@ def _compare(manifest: Manifest, rerun: Manifest, run_dir: Path, tmp: Path, inta
         if name not in now:
             out.append(f"output {name}: recorded, but the re-run did not write it")
         elif name not in recorded:
-            if not name.endswith(f"/{CARD_NAME}"):  # (a run from before peftkit wrote the card records none)
+            # (a run from before peftkit wrote the card records none; the same code as the re-run's wrote one)
+            if not name.endswith(f"/{CARD_NAME}") or same_code(manifest, rerun):
                 out.append(f"output {name}: written by the re-run, but not recorded")
         elif tolerance == 0:
             out.append(f"output {name}: sha256 {recorded[name][:12]}… recorded, {now[name][:12]}… now")
@@ -181,7 +182,28 @@ def _record_differences(manifest: Manifest, rerun: Manifest) -> list[str]:
     if manifest.sources_sha256 and manifest.sources_sha256.keys() != rerun.sources_sha256.keys():  # ({}: older)
         out.append(f"{MANIFEST}: sources_sha256 records {', '.join(sorted(manifest.sources_sha256))}, the re-run "
                    f"hashed {', '.join(sorted(rerun.sources_sha256)) or 'none'}{edited}")
-    return out
+    return out + _unrecorded_by_the_same_code(manifest, rerun)
+
+
+def same_code(manifest: Manifest, rerun: Manifest) -> bool:
+    """Whether the re-run ran the peftkit code the run did (the same `peftkit source` digest; a run made before it was
+    recorded has none): that code records what the re-run records, so nothing is missing as from a run made before."""
+    recorded = manifest.environment.versions.get("peftkit source")
+    return recorded is not None and recorded == rerun.environment.versions.get("peftkit source")
+
+
+def _unrecorded_by_the_same_code(manifest: Manifest, rerun: Manifest) -> list[str]:
+    """manifest.json's records that a run made before they were kept lacks (log_sha256, examples_sha256, ...), absent
+    or null where the same code's re-run records them: taken for an older run's, such a manifest passed with the file
+    they hash edited (a timing in metrics.jsonl, with log_sha256 null)."""
+    if not same_code(manifest, rerun):
+        return []
+    later = {name for name, field in Manifest.model_fields.items() if not field.is_required()}  # (older: lacking)
+    recorded = {key for key in manifest.model_fields_set if getattr(manifest, key) is not None}
+    missing = sorted(key for key in (rerun.model_fields_set & later) - recorded if getattr(rerun, key) is not None)
+    return [f"{MANIFEST}: it records no {key}, which the re-run by the same peftkit code (peftkit source "
+            f"{manifest.environment.versions['peftkit source']}) records; the manifest was edited after the run"
+            for key in missing]
 
 
 def _differ(where: str, recorded, now, tolerance: float) -> list[str]:

@@ -393,9 +393,34 @@ def test_a_run_recorded_before_the_model_card_still_verifies(run):
     def no_card(manifest):
         del manifest["outputs_sha256"]["adapter/README.md"]
         del manifest["examples_sha256"]
+        del manifest["environment"]["versions"]["peftkit source"]  # (recorded since 5 December 2026, after the card)
     _edit_manifest(run, no_card)
     report = verify(run, console=_quiet())
     assert report.ok, report.differences
+
+
+def test_a_manifest_made_to_look_older_than_the_code_that_wrote_it_is_reported(run):
+    """What a run made before a record was kept lacks (the model card and its hash, log_sha256) was taken as missing
+    from an older run whatever the manifest's own code: a card deleted with its record, or a timing edited in
+    metrics.jsonl with log_sha256 set to null, verified. The same peftkit code as the re-run's (its `peftkit source`
+    digest) records what the re-run records."""
+    (run / "adapter" / "README.md").unlink()
+    log = run / "metrics.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    rows[0]["tokens_per_s"] *= 10
+    log.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    def older(manifest):
+        del manifest["outputs_sha256"]["adapter/README.md"]
+        manifest["log_sha256"] = None
+        del manifest["examples_sha256"]
+    _edit_manifest(run, older)
+    source = json.loads((run / "manifest.json").read_text())["environment"]["versions"]["peftkit source"]
+    same_code = f"which the re-run by the same peftkit code (peftkit source {source}) records; the manifest was edited"
+    assert verify(run, console=_quiet()).differences == [
+        "output adapter/README.md: written by the re-run, but not recorded",
+        f"manifest.json: it records no examples_sha256, {same_code} after the run",
+        f"manifest.json: it records no log_sha256, {same_code} after the run"]
 
 
 def test_a_rerun_that_makes_other_examples_of_the_same_rows_says_so_first(run, monkeypatch):
@@ -450,7 +475,11 @@ def test_metrics_jsonl_edited_within_a_tolerance_or_in_its_timings_is_reported(r
     report = verify(run, tolerance=1e-3, console=_quiet())
     assert len(report.differences) == 1, report.differences
     assert report.differences[0].startswith(f"metrics.jsonl in {run} was changed after the run: sha256 ")
-    _edit_manifest(run, lambda manifest: manifest.pop("log_sha256") and None)
+
+    def older(manifest):  # (recorded since 5 December 2026, by other code than today's)
+        del manifest["log_sha256"]
+        manifest["environment"]["versions"]["peftkit source"] = "0" * 16
+    _edit_manifest(run, older)
     assert verify(run, tolerance=1e-3, console=_quiet()).ok
 
 
