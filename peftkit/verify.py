@@ -16,6 +16,7 @@ user's own `--trust-remote-code`.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -80,13 +81,17 @@ def verify(run_dir: str | Path, tolerance: float = 0.0, console: Console | None 
     # its hub adapters, recorded as user/name@COMMIT: that commit fetched (offline: from the cache), wherever this runs
     manifest.recipe = fetch_recorded(manifest.recipe, str(run_dir / MANIFEST))
     report = VerifyReport(run_dir=run_dir, ok=True)
+    manifest.recipe, moved = _moved_project(manifest.recipe, run_dir)
+    report.notes += [f"{key}: {old} is not there; read at {new}, which lies where it did relative to the run "
+                     "directory (a project moved with its run): its files' hashes decide" for key, (old, new) in moved.items()]
     on_disk = _exported_hashes(run_dir, manifest)
     changed = _changed_files(run_dir, manifest, on_disk)
     report.differences += changed
     report.differences += _input_differences(manifest)
     report.notes += _hub_source_notes(manifest)
     intact = {name for name, digest in manifest.outputs_sha256.items() if on_disk.get(name) == digest}
-    rerun = _rerun(run_dir, manifest, intact, tolerance, console, report)
+    rerun = _rerun(run_dir, manifest, intact, tolerance, console, report,
+                   {now: before for before, now in moved.values()})
     if changed and not rerun:
         report.notes.append(f"the recipe still reproduces the recorded run; only the files in {run_dir} differ from it")
     report.differences += rerun
@@ -216,6 +221,50 @@ def _source_differences(manifest: Manifest) -> list[str]:
     return out
 
 
+def _moved_project(recipe: Recipe, run_dir: Path) -> tuple[Recipe, dict[str, tuple[str, str]]]:
+    """The recorded recipe with each input path that no longer exists read where it lies relative to RUN_DIR as it
+    lay relative to the recorded export.output_dir (a project moved or copied with its run: its recipe.yaml records
+    absolute paths), where that exists; {recipe key: (recorded path, path now)} of those. The files' hashes decide
+    whether they are the run's, as for `--resume` of a moved project."""
+    from peftkit.rundir import PATH_KEYS
+
+    before, moved = Path(recipe.export.output_dir), {}
+
+    def rebased(key: str, value):
+        if isinstance(value, dict):
+            return {k: rebased(f"{key}.{k}", v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [rebased(f"{key}[{i}]", v) for i, v in enumerate(value)]
+        if isinstance(value, str) and os.path.isabs(value) and not os.path.exists(value):
+            if os.path.exists(now := os.path.normpath(run_dir / os.path.relpath(value, before))):
+                moved[key.removesuffix(".path")] = (value, now)
+                return now
+        return value
+
+    raw = recipe.model_dump(mode="json")
+    for key in (key for key in PATH_KEYS if key != "export.output_dir"):  # (the re-run's own)
+        section, name = key.split(".")
+        if raw[section].get(name) is not None:
+            raw[section][name] = rebased(key, raw[section][name])
+    return (Recipe.model_validate(raw) if moved else recipe), moved
+
+
+def _name_as_recorded(tmp: Path, rerun: Manifest, moved: dict[str, str]) -> None:
+    """Write the recorded paths back in the re-run's exported JSON files that name a moved input by its new path
+    (adapter_config.json's base_model_name_or_path), and their hashes in its manifest: the run wrote the paths the
+    inputs had then, and a move is no difference of the bits."""
+    for name in rerun.outputs_sha256 if moved else []:
+        path = tmp / name
+        if path.suffix != ".json":
+            continue
+        data = original = path.read_bytes()
+        for now, before in moved.items():  # (whole JSON strings only: not a path that begins with a moved one)
+            data = data.replace(json.dumps(now).encode(), json.dumps(before).encode())
+        if data != original:
+            path.write_bytes(data)
+            rerun.outputs_sha256[name] = sha256_file(path)
+
+
 def _hub_source_notes(manifest: Manifest) -> list[str]:
     """The adapters the method is built from that the run read from a hub adapter's snapshot (an X-LoRA expert the
     recipe named `user/name`; its recipe.yaml pins the commit read, `user/name@COMMIT`): the re-run reads that commit,
@@ -251,8 +300,9 @@ def _base_model_difference(recorded: dict[str, str], now: dict[str, str], recipe
 
 
 def _rerun(run_dir: Path, manifest: Manifest, intact: set[str], tolerance: float, console: Console,
-           report: VerifyReport) -> list[str]:
-    """Train the recorded recipe again in a temporary directory; the differences from the recorded run."""
+           report: VerifyReport, moved: dict[str, str]) -> list[str]:
+    """Train the recorded recipe again in a temporary directory; the differences from the recorded run. `moved`: the
+    recorded paths of the inputs read elsewhere (`_moved_project`), by their new paths."""
     recipe = manifest.recipe.model_copy(deep=True)
     if note := _pin_unchanged_base(recipe, manifest):
         report.notes.append(note)
@@ -274,6 +324,7 @@ def _rerun(run_dir: Path, manifest: Manifest, intact: set[str], tolerance: float
         except PeftkitError as e:
             raise _rerun_failed(e, tmp, run_dir, report) from None
         rerun = read_manifest(Path(tmp))
+        _name_as_recorded(Path(tmp), rerun, moved)
         # the re-run's own record: under several processes, the launched ones' (cpu:0, 1 thread each), not this one's
         report.notes += _env_differences(manifest.environment, rerun.environment)
         out = differences(manifest, rerun, run_dir, Path(tmp), intact, tolerance)

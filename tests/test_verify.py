@@ -483,6 +483,36 @@ def test_metrics_jsonl_edited_within_a_tolerance_or_in_its_timings_is_reported(r
     assert verify(run, tolerance=1e-3, console=_quiet()).ok
 
 
+def test_a_run_moved_or_copied_with_its_project_verifies_where_its_inputs_lie_now(tiny_llama, number_data, tmp_path):
+    """A run's recipe.yaml records its inputs' absolute paths: with the project moved (a clone at another path, a CI
+    job's workspace), verify stopped with 'model.name_or_path .../model: no such directory' and every input 'no longer
+    exists'. An input that is not at its recorded path is read where it lies relative to RUN_DIR as it lay relative to
+    the recorded export.output_dir, said in a note; its hashes decide, and the re-run's adapter_config.json, which names
+    the base where it lies now, is compared with the base's recorded path written back."""
+    project = tmp_path / "project"
+    shutil.copytree(tiny_llama, project / "model")
+    (project / "data").mkdir()
+    for name in ("train", "eval"):
+        shutil.copy(number_data[name], project / "data" / f"{name}.jsonl")
+    recipe = make_recipe(project, project / "model", {name: project / "data" / f"{name}.jsonl" for name in ("train", "eval")},
+                         training={"max_steps": 2}, eval={"base_model": False})
+    train(load_recipe(recipe), console=_quiet())
+    shutil.copytree(project / "run", tmp_path / "copy")  # a copy of the run alone: its inputs are where they were
+    assert verify(tmp_path / "copy", console=_quiet()).notes == []
+    moved = tmp_path / "moved"
+    project.rename(moved)
+    report = verify(moved / "run", console=_quiet())
+    assert report.ok, report.differences
+    assert [note.split(" is not there")[0] for note in report.notes] == [
+        f"model.name_or_path: {project / 'model'}", f"data.train: {project / 'data/train.jsonl'}",
+        f"data.eval: {project / 'data/eval.jsonl'}"]
+    assert report.notes[1].endswith(f"read at {moved / 'data/train.jsonl'}, which lies where it did relative to the run "
+                                    "directory (a project moved with its run): its files' hashes decide")
+    with (moved / "data" / "train.jsonl").open("a") as f:
+        f.write('{"instruction": "1 + 1", "output": "2"}\n')
+    assert f"data.train: the content of {moved / 'data/train.jsonl'} differs from the recorded one" in \
+        verify(moved / "run", console=_quiet()).differences
+
 def test_a_missing_exported_directory_is_reported(run):
     shutil.rmtree(run / "adapter")
     report = verify(run, tolerance=1e-3, console=_quiet())
