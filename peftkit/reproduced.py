@@ -318,6 +318,9 @@ def leftovers(run_dir: Path) -> list[str]:
     out = [f"{entry.name} in {run_dir}: left by an interrupted write, which the next `peftkit train` there would "
            "act on; no finished run holds it" for entry in sorted(run_dir.iterdir()) if is_temp_name(entry.name)]
     folder = run_dir / CHECKPOINTS
+    if folder.exists() and not folder.is_dir() and not folder.is_symlink():  # (a link: `verify._symlinks` says it)
+        out.append(f"{CHECKPOINTS} in {run_dir}: not a directory, where a run keeps its checkpoints; it was added after "
+                   "the run")
     if folder.is_dir():
         for entry in sorted(folder.iterdir()):
             if re.fullmatch(r"\.step-\d+\.old", entry.name):

@@ -152,14 +152,19 @@ def _symlinks(run_dir: Path, manifest: Manifest) -> list[str]:
     copy hashes the same). The run's top files, the exported directories' entries and the checkpoints' files."""
     top = [MANIFEST, RECIPE_FILE, METRICS_LOG, CHECKPOINTS, *sorted({"adapter", "merged", *manifest.exported_dirs})]
     links = [run_dir / name for name in top if (run_dir / name).is_symlink()]
+    special = []  # a named pipe, socket or device among them: no hash sees it (reading a pipe would wait for ever)
     for directory in (run_dir / name for name in top[3:]):
         if directory.is_dir() and not directory.is_symlink():
             for root, dirs, files in os.walk(directory):  # (os.walk follows no link to a directory)
                 if Path(root) != run_dir / CHECKPOINTS:  # (a link among the checkpoints: `leftovers` says it)
                     links += [Path(root, name) for name in dirs + files if Path(root, name).is_symlink()]
+                    special += [Path(root, name) for name in files
+                                if not (Path(root, name).is_symlink() or Path(root, name).is_file())]
     return [f"{link.relative_to(run_dir).as_posix()} in {run_dir} is a symbolic link (to {os.readlink(link)}); the run "
             "wrote no link: it was replaced after the run, and what it holds can change without the run changing"
-            for link in sorted(links)]
+            for link in sorted(links)] + \
+        [f"{entry.relative_to(run_dir).as_posix()} in {run_dir} is not a regular file (a named pipe, socket or device); "
+         "the run wrote none: it was added after the run" for entry in sorted(special)]
 
 
 def _changed(name: str, run_dir: Path, now: str, recorded: str) -> str:

@@ -462,6 +462,18 @@ def test_files_replaced_by_symbolic_links_are_reported_though_their_bytes_match(
     assert not report.ok
 
 
+def test_a_named_pipe_among_the_run_s_files_or_a_file_for_its_checkpoints_is_reported(run):
+    """Entries no hash reads: a named pipe added in adapter/ (which `peftkit push` uploads whole, reading each entry)
+    and a file in place of checkpoints/ verified bit for bit."""
+    os.mkfifo(run / "adapter" / "extra.safetensors")
+    shutil.rmtree(run / "checkpoints")
+    (run / "checkpoints").write_text("")
+    assert verify(run, console=_quiet()).differences == [
+        f"adapter/extra.safetensors in {run} is not a regular file (a named pipe, socket or device); the run wrote none: "
+        "it was added after the run",
+        f"checkpoints in {run}: not a directory, where a run keeps its checkpoints; it was added after the run"]
+
+
 def test_metrics_jsonl_edited_within_a_tolerance_or_in_its_timings_is_reported(run):
     """metrics.jsonl was compared with the re-run's only: a loss nudged within --tolerance, or a speed or time (which
     no re-run repeats), passed. The manifest records its sha256; a manifest from before that compares it as before."""
