@@ -109,11 +109,14 @@ def test_validate_prints_every_default(tmp_path):
     # Two parts: a hub id too (`user/name`), which the offline cache lacks: a warning still, not an error.
     ("{method: fusion, fuse: [adapters/a, adapters/b]}", ["adapter.fuse[0] {d}/adapters/a", "adapter.fuse[1] {d}/adapters/b"]),
     ("{method: multitask_prompt_tuning, num_tasks: 1, init: source, source_adapter: mpt}", ["adapter.source_adapter {d}/mpt"]),
+    # X-LoRA's experts: validate stopped with train's error (recipes/methods/xlora.yaml before its experts trained).
+    ("{method: xlora, adapters: {'0': a, '1': b}}", ["adapter.adapters.0 {d}/a", "adapter.adapters.1 {d}/b"]),
 ])
 def test_validate_warns_of_missing_adapter_directories(adapter, missing, tmp_path, monkeypatch):
-    """The adapters a recipe starts from (AdapterFusion's, multitask prompt tuning's source) are paths as the model's
-    and the data's are: one that is not there is said by validate, as theirs are. One that could be a hub id was an
-    error once hub adapters came (validate of a recipe meant for another machine failed); train still stops at it."""
+    """The adapters a recipe starts from (AdapterFusion's, X-LoRA's, multitask prompt tuning's source) are paths as
+    the model's and the data's are: one that is not there is said by validate, as theirs are. One that could be a hub
+    id was an error once hub adapters came (validate of a recipe meant for another machine failed); train still stops
+    at it."""
     from huggingface_hub import constants
     from typer.testing import CliRunner
 

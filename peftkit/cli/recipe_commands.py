@@ -92,16 +92,19 @@ def _absent_paths(resolved, missing: list[str]) -> list[tuple[str, str]]:
     the recipe may be meant for another machine. `missing`: load_recipe's messages of adapters that could be hub ids
     too (why neither is there)."""
     adapter = resolved.adapter
-    fused = [(f"adapter.fuse[{i}]", value) for i, value in enumerate(getattr(adapter, "fuse", None) or [])]
+    # The adapters a method is built from: AdapterFusion's, X-LoRA's experts.
+    sources = [(f"adapter.fuse[{i}]", value) for i, value in enumerate(getattr(adapter, "fuse", None) or [])]
+    sources += [(f"adapter.adapters.{name}", value)  # (as load_recipe's messages name them)
+                for name, value in (adapter.adapters.items() if adapter.method == "xlora" else ())]
     data = [(f"data.{key}", source) for key, source, _ in resolved.data.sources()]
     absent = []
-    for key, value in (("model.name_or_path", resolved.model.name_or_path), *data, *fused,
+    for key, value in (("model.name_or_path", resolved.model.name_or_path), *data, *sources,
                        ("adapter.source_adapter", getattr(adapter, "source_adapter", None))):
         # A value the recipe's rules take for a local path (not a hub id) should be there.
         if value and Path(value).is_absolute() and not Path(value).exists() and not any(key in m for m in missing):
             absent.append((key, (f"{key} {value} does not exist here (a relative path is resolved against the "
                                  "recipe's directory); train would stop at it.")))
-    adapters = [key for key, _ in fused] + ["adapter.source_adapter"]
+    adapters = [key for key, _ in sources] + ["adapter.source_adapter"]
     return absent + [(next((key for key in adapters if key in m), "adapter"), f"{m} Train would stop at it.")
                      for m in missing]
 
