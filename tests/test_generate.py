@@ -406,6 +406,22 @@ def test_data_prompts_are_the_prompts_training_used(fmt, tiny_llama, tmp_path):
         assert prompt.reference == (row["output"] if fmt == "alpaca" else "hello")
 
 
+def test_format_help_names_every_format_with_prompts():
+    """`generate --format`'s help names each data format whose rows have a prompt to generate from: it said
+    'alpaca | chat | completion', while preference pairs, unpaired answers and tokenized rows generate too
+    (`load_prompts`); text and classification rows have none and are refused."""
+    from typing import get_args
+
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+
+    said = " ".join(CliRunner().invoke(app, ["generate", "--help"], terminal_width=200).output.split())
+    named = said.split("--format <str> ")[1].split(";")[0].split(" (")[0].split(" | ")
+    assert named == [f for f in get_args(DataConfig.model_fields["format"].annotation)
+                     if f not in ("text", "classification")]
+
+
 def test_cli_generates_from_a_run_directory(tiny_llama, number_data, tmp_path, monkeypatch, capsys):
     """`peftkit generate RUN_DIR --data ... --json OUT`: the run's adapter applied, one completion per row, each
     the same as generating through the adapter loaded by hand."""

@@ -198,8 +198,9 @@ def generate(
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", metavar="TEXT", help="A prompt (repeatable).")] = None,
     data: Annotated[Optional[str], typer.Option("--data", help="Generate for each row's prompt (the prompt training "
                                                 "used); the row's target is kept as the reference.")] = None,
-    fmt: Annotated[Optional[str], typer.Option("--format", help="alpaca | chat | completion; default: the recipe's, "
-                                               "else alpaca.")] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="alpaca | chat | completion | preference | unpaired "
+                                               "| tokenized (each row's prompt); default: the recipe's, else "
+                                               "alpaca.")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap each --prompt as a user turn in the chat template.")] = False,
     limit: Annotated[Optional[int], typer.Option(min=1, help="--data: only the first N rows.")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Stop after this many new tokens (or at EOS).")] = 128,
