@@ -124,6 +124,16 @@ def check_answer_room(recipe: Recipe, config, prompts: list) -> None:
                        f"scaled). {fix}, or generate nothing (eval.samples: 0, no generation eval.metrics).")
 
 
+def _lower_length(room: int, virtual: int, capital: bool = True) -> str:
+    """The fix that gives data.max_length `room` positions beside the adapter's `virtual` tokens, or, where those
+    alone fill them (a max_length of 0 or less is none), fewer virtual tokens. `capital`: the fix starts a
+    sentence."""
+    fix = (f"lower data.max_length to {room}" if room > 0 else
+           f"give the adapter fewer virtual tokens (adapter.num_virtual_tokens; CPT's: a shorter adapter.context): its "
+           f"{virtual} alone leave none of the {room + virtual} positions to the data")
+    return fix[0].upper() + fix[1:] if capital else fix
+
+
 def check_context_length(recipe: Recipe, config) -> None:
     """data.max_length within the positions the model covers, or a PeftkitError naming both keys and the fix."""
     model: ModelConfig = recipe.model
@@ -138,14 +148,14 @@ def check_context_length(recipe: Recipe, config) -> None:
     length = f"data.max_length {max_length}" + (f" plus the adapter's {virtual} virtual tokens" if virtual else "")
     if learned_positions(config) is not None:
         raise PeftkitError(f"{length} is longer than the {positions} positions {model.name_or_path} has (learned "
-                           f"positions, which cannot be scaled). Lower data.max_length to {positions - virtual}.")
+                           f"positions, which cannot be scaled). {_lower_length(positions - virtual, virtual)}.")
     if model.rope_scaling is None and covered > positions:  # the model's config scales its RoPE already
         raise PeftkitError(f"{length} is longer than the {covered} positions {model.name_or_path} covers (its "
-                           f"config.json's RoPE scaling). Lower data.max_length to {covered - virtual}.")
+                           f"config.json's RoPE scaling). {_lower_length(covered - virtual, virtual)}.")
     if model.rope_scaling is None:
         raise PeftkitError(f"{length} is longer than {model.name_or_path}'s max_position_embeddings ({positions}). "
-                           f"Lower data.max_length to {positions - virtual}, or scale its RoPE to cover it: "
+                           f"{_lower_length(positions - virtual, virtual)}, or scale its RoPE to cover it: "
                            f"{KEY}: {{type: linear, factor: {factor}}}.")
     raise PeftkitError(f"{length} is longer than the {covered} positions {KEY} covers "
                        f"(max_position_embeddings {positions} x factor {model.rope_scaling.factor:g}). Raise "
-                       f"{KEY}.factor to {factor}, or lower data.max_length to {covered - virtual}.")
+                       f"{KEY}.factor to {factor}, or {_lower_length(covered - virtual, virtual, capital=False)}.")

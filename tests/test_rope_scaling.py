@@ -253,6 +253,30 @@ def test_too_long_max_length_is_a_recipe_error(rope, max_length, message, short_
     assert not (tmp_path / "run" / "recipe.yaml").exists()  # said before the model loads or the run starts
 
 
+def test_virtual_tokens_that_fill_the_positions_alone_are_the_fix(short_llama, number_data, tmp_path):
+    """A prompt-family adapter whose virtual tokens alone take every position: no data.max_length fits beside them,
+    so the fix is fewer virtual tokens (it said 'Lower data.max_length to 0', and -808 for SmolLM2's 8192 and 9000)."""
+    from peftkit.rope_scaling import check_context_length
+
+    config = load_config(ModelConfig(name_or_path=str(short_llama)))
+    for rope, virtual, fix in [
+            (None, 64, "Give the adapter fewer virtual tokens (adapter.num_virtual_tokens; CPT's: a shorter "
+                       "adapter.context): its 64 alone leave none of the 64 positions to the data, or scale its "
+                       "RoPE to cover it: model.rope_scaling: {type: linear, factor: 2}."),
+            ({"type": "linear", "factor": 2}, 130, "Raise model.rope_scaling.factor to 3, or give the adapter fewer "
+                                                   "virtual tokens (adapter.num_virtual_tokens; CPT's: a shorter "
+                                                   "adapter.context): its 130 alone leave none of the 128 positions "
+                                                   "to the data."),
+            (None, 40, "Lower data.max_length to 24, or scale")]:
+        path = _recipe(tmp_path, short_llama, number_data, rope, data={"max_length": 32})
+        path.write_text(yaml.safe_dump(yaml.safe_load(path.read_text()) | {
+            "adapter": {"method": "prompt_tuning", "num_virtual_tokens": virtual}}))
+        with pytest.raises(PeftkitError) as error:
+            check_context_length(load_recipe(path), config)
+        assert f"data.max_length 32 plus the adapter's {virtual} virtual tokens is longer than" in str(error.value)
+        assert fix in str(error.value)
+
+
 def test_a_model_whose_config_scales_covers_its_scaled_length(short_llama, number_data, tmp_path):
     """A merged model of a scaled run (linear, factor 2 over 64 positions) was refused at max_length 128 with advice
     to scale its RoPE, which is then refused as scaling twice."""
