@@ -11,6 +11,7 @@ from pathlib import Path
 
 from peftkit.adapters.arrow import ArrowSettings
 from peftkit.data.checks import guard_token_ids
+from peftkit.data.examples import prompt_and_target_text
 from peftkit.data.prompts import Prompt, chat_prompt, load_prompts, text_prompt
 from peftkit.decoding import Sampling, generate_texts
 from peftkit.errors import PeftkitError, PeftkitWarning
@@ -26,6 +27,8 @@ class GenerateJob:
     source: ModelSource
     prompts: list[str] = field(default_factory=list)
     chat: bool = False
+    instructions: bool = False
+    """--format alpaca with --prompt: each prompt an instruction in the alpaca template, as training's prompts were."""
     data: str | None = None
     data_cfg: DataConfig | None = None
     split: str = "train"
@@ -51,6 +54,8 @@ class GenerateJob:
             system = self.data_cfg.system_prompt if self.data_cfg is not None else None
             opening = [{"role": "system", "content": system}] if system is not None else []
             return [chat_prompt(tok, [*opening, {"role": "user", "content": p}]) for p in self.prompts]
+        if self.instructions:
+            return [text_prompt(tok, prompt_and_target_text({"instruction": p}, "alpaca")[0]) for p in self.prompts]
         return [text_prompt(tok, p) for p in self.prompts]
 
 
@@ -75,9 +80,10 @@ def generate_job(recipe: Path | None, overrides: list[str], model: str | None, a
     if prompts and limit is not None:
         raise PeftkitError("--limit takes the first N rows of --data (or of a run's data.eval); with --prompt, give "
                            "the prompts you want.")
-    if prompts and fmt is not None:
+    if prompts and fmt is not None and (fmt != "alpaca" or chat):
         raise PeftkitError(f"--format {fmt} says how --data rows (or a run's data.eval) are read; --prompt is used as "
-                           "given (--chat wraps it as a user turn in the chat template): drop --format.")
+                           "given (--chat wraps it as a user turn in the chat template, --format alpaca as an "
+                           f"instruction in the alpaca template): drop --format{' or --chat' * chat}.")
     if chat and not prompts:  # the prompts of --data, or of a recipe's data.eval: their format decides
         source = f"{recipe}'s data.eval" if recipe and not data else "--data"
         raise PeftkitError(f"--chat applies to --prompt: with the prompts of {source}, the data's format decides (chat "
@@ -85,13 +91,11 @@ def generate_job(recipe: Path | None, overrides: list[str], model: str | None, a
     check_choices(fmt, None)
     source, cfg = model_source(recipe, overrides, model, adapter, trust_remote_code, "generate")
     run = recipe if cfg is not None else _run_of(adapter)  # (a run's --adapter RUN_DIR: its recipe.yaml says)
-    chat_key = _chat_key(cfg.data.model_dump() if cfg is not None else _run_data(run))
-    if prompts and not chat and chat_key:  # (an instruct model: often EOS at once)
-        warnings.warn(f"{run} trains on conversations ({chat_key}: chat), and --prompt is used as given, outside "
-                      "the chat template: pass --chat to give it as a user turn, as training's prompts were.",
-                      PeftkitWarning, stacklevel=2)
-    job = GenerateJob(source=source, prompts=prompts, chat=chat, limit=limit, sampling=sampling, batch_size=batch_size,
-                      task=task, adapters=adapters, route=route, arrow=arrow, general=list(general or []))
+    if prompts and not chat and fmt is None:
+        _warn_if_untemplated(run, cfg.data.model_dump() if cfg is not None else _run_data(run), prompts)
+    job = GenerateJob(source=source, prompts=prompts, chat=chat, instructions=bool(prompts) and fmt == "alpaca",
+                      limit=limit, sampling=sampling, batch_size=batch_size, task=task, adapters=adapters, route=route,
+                      arrow=arrow, general=list(general or []))
     if cfg is not None:
         job.data_cfg = cfg.data
         if not prompts and not data:
@@ -148,6 +152,20 @@ def _run_data(run: Path | None) -> dict | None:
         return yaml.safe_load((run / "recipe.yaml").read_text())["data"]
     except (OSError, yaml.YAMLError, KeyError, TypeError):  # (run None: TypeError)
         return None
+
+
+def _warn_if_untemplated(run: Path | None, data: dict | None, prompts: list[str]) -> None:
+    """Warn where --prompt, used as given, is outside the template a run's prompts were trained in: its conversations'
+    chat template (an instruct model often answers bare text with its end of turn at once), or alpaca's (a prompt
+    holding its `### Instruction:` already is left alone)."""
+    if chat_key := _chat_key(data):
+        warnings.warn(f"{run} trains on conversations ({chat_key}: chat), and --prompt is used as given, outside "
+                      "the chat template: pass --chat to give it as a user turn, as training's prompts were.",
+                      PeftkitWarning, stacklevel=3)
+    elif isinstance(data, dict) and data.get("format") == "alpaca" and not any("### Instruction:" in p for p in prompts):
+        warnings.warn(f"{run} trains on alpaca rows (data.format: alpaca), and --prompt is used as given, outside "
+                      "their template: pass --format alpaca to give it as an instruction, as training's prompts "
+                      "were.", PeftkitWarning, stacklevel=3)
 
 
 def _chat_key(data: dict | None) -> str | None:

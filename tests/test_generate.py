@@ -711,6 +711,9 @@ def test_flags_that_do_not_apply_to_the_prompts_are_refused(tiny_llama, number_d
     err = " ".join(cli_user_error(monkeypatch, capsys, "generate", "--model", str(tiny_llama), "--prompt", "hi",
                                   "--format", "chat").split())
     assert "--format chat says how --data rows (or a run's data.eval) are read; --prompt is used as given" in err
+    err = " ".join(cli_user_error(monkeypatch, capsys, "generate", "--model", str(tiny_llama), "--prompt", "hi",
+                                  "--format", "alpaca", "--chat").split())
+    assert "--format alpaca as an instruction in the alpaca template): drop --format or --chat." in err
 
 
 def test_a_chat_run_s_prompt_given_as_is_is_warned_and_an_empty_answer_said(tiny_llama, number_data, tmp_path,
@@ -767,3 +770,30 @@ def test_an_answer_with_nothing_to_see_is_said_to_be_one():
     assert blank_answer("\n") == "(an answer of 1 whitespace character only: '\\n')"
     assert blank_answer(" \t" * 7) == "(an answer of 14 whitespace characters only: ' \\t \\t \\t \\t \\t \\t'...)"
     assert blank_answer(" a ") is None
+
+
+def test_an_alpaca_run_s_prompt_is_given_as_an_instruction_with_format_alpaca(tiny_llama, number_data, tmp_path,
+                                                                               monkeypatch, capsys):
+    """`peftkit generate RUN --prompt TEXT` of a run trained on alpaca rows (the quickstart's) gave TEXT as is, outside
+    the template training's prompts had, with no word of it: the tiny fine-tune answered noise. It warns, and
+    `--format alpaca` gives each prompt as an instruction in the template: the completion of the template written out
+    by hand (no warning: it holds its `### Instruction:`)."""
+    import sys
+
+    from peftkit.cli import main
+
+    recipe = make_recipe(tmp_path, tiny_llama, number_data)  # (data.format alpaca)
+    completions = {}
+    for name, prompt, extra in (("bare", "hi", []), ("flag", "hi", ["--format", "alpaca"]),
+                                ("written", "### Instruction:\nhi\n\n### Response:\n", [])):
+        out = tmp_path / f"{name}.json"
+        monkeypatch.setattr(sys, "argv", ["peftkit", "generate", str(recipe), "--prompt", prompt, "--max-new-tokens",
+                                          "6", "--json", str(out), *extra])
+        main()
+        err = " ".join(capsys.readouterr().err.split())
+        warned = (f"warning: {recipe} trains on alpaca rows (data.format: alpaca), and --prompt is used as given, "
+                  "outside their template: pass --format alpaca to give it as an instruction, as training's prompts "
+                  "were.")
+        assert (warned in err) is (name == "bare"), err
+        completions[name] = json.loads(out.read_text())[0]
+    assert completions["flag"] == completions["written"] != completions["bare"]

@@ -200,7 +200,8 @@ def generate(
                                                 "used); the row's target is kept as the reference.")] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="alpaca | chat | completion | preference | unpaired "
                                                "| tokenized (each row's prompt); default: the recipe's, else "
-                                               "alpaca.")] = None,
+                                               "alpaca. With --prompt, alpaca gives each prompt as an instruction "
+                                               "in the alpaca template.")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap each --prompt as a user turn in the chat template.")] = False,
     limit: Annotated[Optional[int], typer.Option(min=1, help="--data: only the first N rows.")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Stop after this many new tokens (or at EOS).")] = 128,
