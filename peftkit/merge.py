@@ -387,7 +387,8 @@ def requantize_model(merged_dir: str | Path, output_dir: str | Path, method: str
     """Load a merged model quantized (nf4, double quant) and save it 4-bit, atomically as a directory, with the merged
     model's peftkit.json (what it was merged from, a reward model's centring weight, which `peftkit eval --model
     OUTPUT-nf4` scores with: it was left behind, and the loss scored without it). Rounding the merged weights to
-    4 bits again moves them away from what was trained: expect small logit differences."""
+    4 bits again rounds away an update below half a 4-bit step, most of a LoRA's: the result may be close to
+    the base's own 4-bit model (the CLI's warning says so, with figures in its comment)."""
     with atomic_directories([Path(output_dir)], replace) as (tmp,):
         requantize_into(merged_dir, tmp, method)
 

@@ -781,8 +781,23 @@ def test_a_requantized_merge_says_where_it_wrote_both_models(llama_adapters, tmp
     monkeypatch.setattr(sys, "argv", ["peftkit", "merge", "--adapter", llama_adapters[0], "--output",
                                       str(tmp_path / "mq"), "--requantize", "nf4"])
     main()
-    assert capsys.readouterr().out.splitlines() == [f"Merged model written to {tmp_path / 'mq'}",
-                                                    f"Re-quantized (nf4) model written to {tmp_path / 'mq-nf4'}"]
+    printed = capsys.readouterr()
+    assert printed.out.splitlines() == [f"Merged model written to {tmp_path / 'mq'}",
+                                        f"Re-quantized (nf4) model written to {tmp_path / 'mq-nf4'}"]
+    assert "rounds away an update smaller than half a 4-bit step" in " ".join(printed.err.split())
+
+
+def test_nf4_rounds_a_qlora_sized_update_away():
+    """What that warning says (it said the outputs 'differ slightly'): NF4 of W0 + dW, W0 = dequant(NF4(W)) and dW a
+    hundredth of W's spread (a short QLoRA run's size), gives W0's codes back (all of them here)."""
+    import bitsandbytes.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 256, generator=g)
+    codes, state = F.quantize_4bit(w, quant_type="nf4")
+    w0 = F.dequantize_4bit(codes, state)
+    again, _ = F.quantize_4bit(w0 + 0.01 * torch.randn(256, 256, generator=g), quant_type="nf4")
+    assert (again == codes).float().mean() > 0.99
 
 
 @pytest.mark.parametrize("bias", ["all", "lora_only"])
