@@ -120,19 +120,34 @@ def test_chat_labels_are_the_template_s_assistant_turns_and_keep_the_pad_token(s
     assert padding.any() and (batch["labels"][padding] == IGNORE_INDEX).all()
 
 
+def _trained(recipe, smollm2: Path):
+    """Train `recipe`; (its summary, run directory, tokenizer, a chat row's ids, peftkit's adapted model, peft's)."""
+    summary = train(recipe, overwrite=True)
+    run = Path(recipe.export.output_dir)
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    ours, *_ = load_adapted_model(str(smollm2), str(run / "adapter"))
+    reference = PeftModel.from_pretrained(_base(smollm2), run / "adapter").eval()
+    return summary, run, tok, _chat_ids(tok, 437), ours, reference
+
+
+def _generates_as_peft(ours, reference, tok) -> list[str]:
+    """peftkit's batched, left-padded greedy answers to three questions, checked against cache-free greedy decoding
+    through peft's forward; the answers."""
+    prompts = [chat_prompt(tok, [{"role": "user", "content": QUESTION.format(n)}]) for n in (7, 52, 613)]
+    texts = generate_texts(ours, tok, prompts, Sampling(max_new_tokens=NEW), batch_size=len(prompts))
+    stops = stop_token_ids(ours, tok)
+    assert texts == [tok.decode(greedy_no_cache(reference, p.ids, stops, NEW), skip_special_tokens=True)
+                     for p in prompts]
+    return texts
+
+
 def test_a_lora_run_loads_in_peft_with_its_logits_eval_loss_merge_and_generations(smollm2, tmp_path):
     files = _chat_data(tmp_path)
     recipe = load_recipe(make_recipe(
         tmp_path, smollm2, files, adapter={"r": 8, "alpha": 16, "target_modules": "all-linear"},
         data={"format": "chat", "max_length": 96}, training={"max_steps": 3, "batch_size": 4, "lr": 2e-3},
         export={"merged": True}, eval={"batch_size": 6}))
-    summary = train(recipe, overwrite=True)
-    run = Path(recipe.export.output_dir)
-    tok = AutoTokenizer.from_pretrained(smollm2)
-    ids = _chat_ids(tok, 437)
-
-    ours, *_ = load_adapted_model(str(smollm2), str(run / "adapter"))
-    reference = PeftModel.from_pretrained(_base(smollm2), run / "adapter").eval()
+    summary, run, tok, ids, ours, reference = _trained(recipe, smollm2)
     expected = _logits(reference, ids)
     with reference.disable_adapter():
         base = _logits(reference, ids)
@@ -151,13 +166,8 @@ def test_a_lora_run_loads_in_peft_with_its_logits_eval_loss_merge_and_generation
                                                ignore_index=IGNORE_INDEX)
     assert abs(summary["eval_loss"] - float(theirs)) <= 1e-4
 
-    prompts = [chat_prompt(tok, [{"role": "user", "content": QUESTION.format(n)}]) for n in (7, 52, 613)]
-    texts = generate_texts(ours, tok, prompts, Sampling(max_new_tokens=NEW), batch_size=len(prompts))
-    stops = stop_token_ids(ours, tok)
-    assert tok.convert_tokens_to_ids("<|im_end|>") in stops
-    assert texts == [tok.decode(greedy_no_cache(reference, p.ids, stops, NEW), skip_special_tokens=True)
-                     for p in prompts]
-    assert len(set(texts)) > 1
+    assert tok.convert_tokens_to_ids("<|im_end|>") in stop_token_ids(ours, tok)
+    assert len(set(_generates_as_peft(ours, reference, tok))) > 1
 
 
 def test_trained_chat_token_rows_load_in_peft_and_generate_as_peft(smollm2, tmp_path):
@@ -238,12 +248,7 @@ def test_a_prompt_family_run_loads_in_peft_with_its_logits_eval_loss_and_generat
     recipe = load_recipe(method_recipe(
         tmp_path, smollm2, files, adapter, data={"format": "chat", "max_length": 96},
         training={"max_steps": 3, "batch_size": 4, "lr": 1e-2}, eval={"batch_size": 6}))
-    summary = train(recipe, overwrite=True)
-    run = Path(recipe.export.output_dir)
-    tok = AutoTokenizer.from_pretrained(smollm2)
-    ids = _chat_ids(tok, 437)
-    ours, *_ = load_adapted_model(str(smollm2), str(run / "adapter"))
-    reference = PeftModel.from_pretrained(_base(smollm2), run / "adapter").eval()
+    summary, run, tok, ids, ours, reference = _trained(recipe, smollm2)
     expected = _logits(reference, ids)[:, -ids.shape[1]:]  # (prompt and P-tuning: the virtual tokens' logits first)
     with reference.disable_adapter():
         assert float((expected - _logits(reference, ids)).abs().max()) > 0.05  # the run moved the model
@@ -258,9 +263,4 @@ def test_a_prompt_family_run_loads_in_peft_with_its_logits_eval_loss_and_generat
         total += float(torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum"))
         count += int((labels != IGNORE_INDEX).sum())
     assert abs(summary["eval_loss"] - total / count) <= 1e-4
-
-    prompts = [chat_prompt(tok, [{"role": "user", "content": QUESTION.format(n)}]) for n in (7, 52, 613)]
-    texts = generate_texts(ours, tok, prompts, Sampling(max_new_tokens=NEW), batch_size=len(prompts))
-    stops = stop_token_ids(ours, tok)
-    assert texts == [tok.decode(greedy_no_cache(reference, p.ids, stops, NEW), skip_special_tokens=True)
-                     for p in prompts]
+    _generates_as_peft(ours, reference, tok)
