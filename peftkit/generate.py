@@ -92,7 +92,7 @@ def generate_job(recipe: Path | None, overrides: list[str], model: str | None, a
     source, cfg = model_source(recipe, overrides, model, adapter, trust_remote_code, "generate")
     run = recipe if cfg is not None else _run_of(adapter)  # (a run's --adapter RUN_DIR: its recipe.yaml says)
     if prompts and not chat and fmt is None:
-        _warn_if_untemplated(run, cfg.data.model_dump() if cfg is not None else _run_data(run), prompts)
+        _warn_if_untemplated(run, cfg.data if cfg is not None else _run_data(run), prompts)
     job = GenerateJob(source=source, prompts=prompts, chat=chat, instructions=bool(prompts) and fmt == "alpaca",
                       limit=limit, sampling=sampling, batch_size=batch_size, task=task, adapters=adapters, route=route,
                       arrow=arrow, general=list(general or []))
@@ -154,13 +154,15 @@ def _run_data(run: Path | None) -> dict | None:
         return None
 
 
-def _warn_if_untemplated(run: Path | None, data: dict | None, prompts: list[str]) -> None:
+def _warn_if_untemplated(run: Path | None, cfg: DataConfig | dict | None, prompts: list[str]) -> None:
     """Warn where --prompt, used as given, is outside the template a run's prompts were trained in: its conversations'
     chat template (an instruct model often answers bare text with its end of turn at once), or alpaca's (a prompt
-    holding its `### Instruction:` already is left alone)."""
-    if chat_key := _chat_key(data):
-        warnings.warn(f"{run} trains on conversations ({chat_key}: chat), and --prompt is used as given, outside "
-                      "the chat template: pass --chat to give it as a user turn, as training's prompts were.",
+    holding its `### Instruction:` already is left alone). `cfg`: a recipe's data section, or a run's recipe.yaml's
+    as read (`_run_data`)."""
+    data = cfg.model_dump() if isinstance(cfg, DataConfig) else cfg
+    if said := _chat_key(data) or (_conversation_pairs(cfg) if isinstance(cfg, DataConfig) else None):
+        warnings.warn(f"{run} trains on conversations ({said}), and --prompt is used as given, outside the chat "
+                      "template: pass --chat to give it as a user turn, as training's prompts were.",
                       PeftkitWarning, stacklevel=3)
     elif isinstance(data, dict) and data.get("format") == "alpaca" and not any("### Instruction:" in p for p in prompts):
         warnings.warn(f"{run} trains on alpaca rows (data.format: alpaca), and --prompt is used as given, outside "
@@ -169,15 +171,30 @@ def _warn_if_untemplated(run: Path | None, data: dict | None, prompts: list[str]
 
 
 def _chat_key(data: dict | None) -> str | None:
-    """The key saying a data section trains on conversations: `data.format`, or the first entry of a data.train list
-    mixing conversations with other rows (`data.train[1].format`); None where none does."""
+    """The key saying a data section trains on conversations, with its value: `data.format: chat`, or the first entry
+    of a data.train list mixing conversations with other rows (`data.train[1].format: chat`); None where none does."""
     if not isinstance(data, dict):
         return None
     if data.get("format") == "chat":
-        return "data.format"
+        return "data.format: chat"
     train = data.get("train")
-    return next((f"data.train[{i}].format" for i, entry in enumerate(train if isinstance(train, list) else [])
+    return next((f"data.train[{i}].format: chat" for i, entry in enumerate(train if isinstance(train, list) else [])
                  if isinstance(entry, dict) and entry.get("format") == "chat"), None)
+
+
+def _conversation_pairs(data: DataConfig) -> str | None:
+    """`data.format: preference` (or unpaired) said with its rows' form where data.train's first usable row, read from
+    local files as validate reads it (not tokenized), is a conversation; None otherwise (text pairs, a hub dataset)."""
+    from peftkit.model_checks import first_row_form
+    from peftkit.recipe import is_local_dataset
+
+    if data.format not in ("preference", "unpaired") or not all(is_local_dataset(s.path) for s in data.train_sources()):
+        return None
+    try:
+        chat = first_row_form(data, data.train, data.train_split) == "chat"
+    except PeftkitError:  # (unreadable rows: train says so)
+        return None
+    return f"data.format: {data.format}, its rows conversations" if chat else None
 
 
 def _check_route(adapters: list[tuple[str, str]], route: str | None, data: str | None, arrow: bool = False) -> None:

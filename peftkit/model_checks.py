@@ -182,7 +182,7 @@ def _check_first_row(tok, data, path, split: str | None) -> None:
     from peftkit.errors import PeftkitError
 
     try:
-        form = _first_form(data, path, split)
+        form = first_row_form(data, path, split)
     except PeftkitError:
         return
     if form == "completion":
@@ -192,7 +192,7 @@ def _check_first_row(tok, data, path, split: str | None) -> None:
                                                      else TEXT_FIELDS))
 
 
-def _first_form(data, path, split: str | None) -> str | None:
+def first_row_form(data, path, split: str | None) -> str | None:
     """The form (`completion`, `chat`) of the first usable row of `path` (data.train's list: of its entries in order,
     each as its own columns and format read it), reading no row past it (`rows_in_order`: a 300k-row file was read
     whole); None where no row is usable."""

@@ -759,6 +759,19 @@ def test_a_chat_run_s_prompt_given_as_is_is_warned_and_an_empty_answer_said(tiny
     main()
     out, err = capsys.readouterr()
     assert f"warning: {run} trains on conversations (data.train[1].format: chat)" in " ".join(err.split()), err
+    # DPO's pairs (KTO's rows alike) given as conversations: their first row says so (no warning on the old code)
+    from peftkit.tiny import write_jsonl
+
+    pairs = tmp_path / "pairs.jsonl"
+    dpo = make_recipe(tmp_path / "dpo", silent, {"train": pairs, "eval": pairs}, data={"format": "preference"},
+                      training={"objective": "dpo"})
+    for prompt, warned in (([{"role": "user", "content": "2+2?"}], True), ("2+2?", False)):  # (text pairs: none)
+        write_jsonl(pairs, [{"prompt": prompt, "chosen": "4", "rejected": "5"}])
+        monkeypatch.setattr(sys, "argv", ["peftkit", "generate", str(dpo), "--prompt", "hi", "--max-new-tokens", "2"])
+        main()
+        err = " ".join(capsys.readouterr().err.split())
+        assert (f"warning: {dpo} trains on conversations (data.format: preference, its rows conversations), and "
+                "--prompt is used as given" in err) is warned, err
 
 
 def test_an_answer_with_nothing_to_see_is_said_to_be_one():
