@@ -364,6 +364,13 @@ def recipe_source(recipe: Path, overrides: list[str], named: bool = False,
         recipe = run_dir / "recipe.yaml"
     adapter = run_dir / "adapter" if run_dir is not None else None
     cfg = load_recipe(recipe, overrides)
+    if run_dir is not None:  # a project moved or copied with its run: its recipe.yaml records absolute paths
+        from peftkit.rundir import moved_project
+
+        cfg, moved = moved_project(cfg, run_dir)
+        for key, (old, now) in moved.items():
+            warnings.warn(PeftkitWarning(f"{key}: {old} is not there; read at {now}, which lies where it did relative "
+                                         "to the run directory (a project moved with its run)."), stacklevel=2)
     in_a_run = run_dir is not None or any((recipe.parent / n).exists() for n in ("manifest.json", "checkpoints"))
     if in_a_run and cfg.model.trust_remote_code and not trust_remote_code:
         raise PeftkitError(f"{recipe} records model.trust_remote_code: true, so loading {cfg.model.name_or_path} would "

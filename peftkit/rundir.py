@@ -117,6 +117,35 @@ PATH_KEYS = ("model.name_or_path", "data.train", "data.eval", "export.output_dir
 (and an adapter's hub id, recorded pinned to the commit read, `user/name@COMMIT`, when its branch moves to another)."""
 
 
+def moved_project(recipe, run_dir: Path) -> tuple:
+    """The recorded recipe with each input path that no longer exists read where it lies relative to RUN_DIR as it
+    lay relative to the recorded export.output_dir (a project moved or copied with its run: its recipe.yaml records
+    absolute paths), where that exists; {recipe key: (recorded path, path now)} of those. The files' hashes decide
+    whether they are the run's, as for `--resume` of a moved project (`verify`), or read (`eval RUN_DIR`, `generate
+    RUN_DIR`, `chat RUN_DIR`, which say so)."""
+    from peftkit.recipe import Recipe
+
+    before, moved = Path(recipe.export.output_dir), {}
+
+    def rebased(key: str, value):
+        if isinstance(value, dict):
+            return {k: rebased(f"{key}.{k}", v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [rebased(f"{key}[{i}]", v) for i, v in enumerate(value)]
+        if isinstance(value, str) and os.path.isabs(value) and not os.path.exists(value):
+            if os.path.exists(now := os.path.normpath(run_dir / os.path.relpath(value, before))):
+                moved[key.removesuffix(".path")] = (value, now)
+                return now
+        return value
+
+    raw = recipe.model_dump(mode="json")
+    for key in (key for key in PATH_KEYS if key != "export.output_dir"):  # (the re-run's own)
+        section, name = key.split(".")
+        if raw[section].get(name) is not None:
+            raw[section][name] = rebased(key, raw[section][name])
+    return (Recipe.model_validate(raw) if moved else recipe), moved
+
+
 def _moved_path(key: str, old, new) -> bool:
     """Whether a change of recipe key `key` from `old` to `new` may be a moved file: a path key (an entry of a list of
     them, data.train[1] or its .path; a set of data.eval's, data.eval.general or its .path; an X-LoRA expert,

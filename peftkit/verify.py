@@ -49,6 +49,7 @@ from peftkit.manifest import (
 )
 from peftkit.recipe import Recipe, fetch_recorded, is_hub_dataset
 from peftkit.reproduced import differences
+from peftkit.rundir import moved_project
 from peftkit.scratch import held_locks, remove_stale_directories, scratch_directory
 
 
@@ -81,7 +82,7 @@ def verify(run_dir: str | Path, tolerance: float = 0.0, console: Console | None 
     # its hub adapters, recorded as user/name@COMMIT: that commit fetched (offline: from the cache), wherever this runs
     manifest.recipe = fetch_recorded(manifest.recipe, str(run_dir / MANIFEST))
     report = VerifyReport(run_dir=run_dir, ok=True)
-    manifest.recipe, moved = _moved_project(manifest.recipe, run_dir)
+    manifest.recipe, moved = moved_project(manifest.recipe, run_dir)
     report.notes += [f"{key}: {old} is not there; read at {new}, which lies where it did relative to the run "
                      "directory (a project moved with its run): its files' hashes decide" for key, (old, new) in moved.items()]
     on_disk = _exported_hashes(run_dir, manifest)
@@ -226,34 +227,6 @@ def _source_differences(manifest: Manifest) -> list[str]:
     return out
 
 
-def _moved_project(recipe: Recipe, run_dir: Path) -> tuple[Recipe, dict[str, tuple[str, str]]]:
-    """The recorded recipe with each input path that no longer exists read where it lies relative to RUN_DIR as it
-    lay relative to the recorded export.output_dir (a project moved or copied with its run: its recipe.yaml records
-    absolute paths), where that exists; {recipe key: (recorded path, path now)} of those. The files' hashes decide
-    whether they are the run's, as for `--resume` of a moved project."""
-    from peftkit.rundir import PATH_KEYS
-
-    before, moved = Path(recipe.export.output_dir), {}
-
-    def rebased(key: str, value):
-        if isinstance(value, dict):
-            return {k: rebased(f"{key}.{k}", v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [rebased(f"{key}[{i}]", v) for i, v in enumerate(value)]
-        if isinstance(value, str) and os.path.isabs(value) and not os.path.exists(value):
-            if os.path.exists(now := os.path.normpath(run_dir / os.path.relpath(value, before))):
-                moved[key.removesuffix(".path")] = (value, now)
-                return now
-        return value
-
-    raw = recipe.model_dump(mode="json")
-    for key in (key for key in PATH_KEYS if key != "export.output_dir"):  # (the re-run's own)
-        section, name = key.split(".")
-        if raw[section].get(name) is not None:
-            raw[section][name] = rebased(key, raw[section][name])
-    return (Recipe.model_validate(raw) if moved else recipe), moved
-
-
 def _name_as_recorded(tmp: Path, rerun: Manifest, moved: dict[str, str]) -> None:
     """Write the recorded paths back in the re-run's exported JSON files that name a moved input by its new path
     (adapter_config.json's base_model_name_or_path), and their hashes in its manifest: the run wrote the paths the
@@ -307,7 +280,7 @@ def _base_model_difference(recorded: dict[str, str], now: dict[str, str], recipe
 def _rerun(run_dir: Path, manifest: Manifest, intact: set[str], tolerance: float, console: Console,
            report: VerifyReport, moved: dict[str, str]) -> list[str]:
     """Train the recorded recipe again in a temporary directory; the differences from the recorded run. `moved`: the
-    recorded paths of the inputs read elsewhere (`_moved_project`), by their new paths."""
+    recorded paths of the inputs read elsewhere (`rundir.moved_project`), by their new paths."""
     recipe = manifest.recipe.model_copy(deep=True)
     if note := _pin_unchanged_base(recipe, manifest):
         report.notes.append(note)

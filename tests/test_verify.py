@@ -495,7 +495,8 @@ def test_metrics_jsonl_edited_within_a_tolerance_or_in_its_timings_is_reported(r
     assert verify(run, tolerance=1e-3, console=_quiet()).ok
 
 
-def test_a_run_moved_or_copied_with_its_project_verifies_where_its_inputs_lie_now(tiny_llama, number_data, tmp_path):
+def test_a_run_moved_or_copied_with_its_project_verifies_where_its_inputs_lie_now(tiny_llama, number_data, tmp_path,
+                                                                                 monkeypatch, capsys):
     """A run's recipe.yaml records its inputs' absolute paths: with the project moved (a clone at another path, a CI
     job's workspace), verify stopped with 'model.name_or_path .../model: no such directory' and every input 'no longer
     exists'. An input that is not at its recorded path is read where it lies relative to RUN_DIR as it lay relative to
@@ -508,7 +509,7 @@ def test_a_run_moved_or_copied_with_its_project_verifies_where_its_inputs_lie_no
         shutil.copy(number_data[name], project / "data" / f"{name}.jsonl")
     recipe = make_recipe(project, project / "model", {name: project / "data" / f"{name}.jsonl" for name in ("train", "eval")},
                          training={"max_steps": 2}, eval={"base_model": False})
-    train(load_recipe(recipe), console=_quiet())
+    summary = train(load_recipe(recipe), console=_quiet())
     shutil.copytree(project / "run", tmp_path / "copy")  # a copy of the run alone: its inputs are where they were
     assert verify(tmp_path / "copy", console=_quiet()).notes == []
     moved = tmp_path / "moved"
@@ -520,6 +521,15 @@ def test_a_run_moved_or_copied_with_its_project_verifies_where_its_inputs_lie_no
         f"data.eval: {project / 'data/eval.jsonl'}"]
     assert report.notes[1].endswith(f"read at {moved / 'data/train.jsonl'}, which lies where it did relative to the run "
                                     "directory (a project moved with its run): its files' hashes decide")
+    # `peftkit eval RUN_DIR` of the moved project reads them there too, saying so (it said data.eval 'is not there')
+    from peftkit.cli import main
+
+    monkeypatch.setattr("sys.argv", ["peftkit", "eval", str(moved / "run"), "--json", str(tmp_path / "eval.json")])
+    main()
+    assert abs(json.loads((tmp_path / "eval.json").read_text())["loss"] - summary["eval_loss"]) <= 1e-6
+    assert (f"warning: data.eval: {project / 'data/eval.jsonl'} is not there; read at {moved / 'data/eval.jsonl'}, which "
+            "lies where it did relative to the run directory (a project moved with its run).") in \
+        " ".join(capsys.readouterr().err.split())
     with (moved / "data" / "train.jsonl").open("a") as f:
         f.write('{"instruction": "1 + 1", "output": "2"}\n')
     assert f"data.train: the content of {moved / 'data/train.jsonl'} differs from the recorded one" in \
