@@ -20,9 +20,13 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.fileio import atomic_write_text, being_written
+
+if TYPE_CHECKING:
+    from peftkit.recipe import Recipe
 
 RUN_ENTRIES = ("adapter", "merged", "checkpoints", "metrics.jsonl", "recipe.yaml", "manifest.json", "report",
                "trackers")
@@ -117,7 +121,7 @@ PATH_KEYS = ("model.name_or_path", "data.train", "data.eval", "export.output_dir
 (and an adapter's hub id, recorded pinned to the commit read, `user/name@COMMIT`, when its branch moves to another)."""
 
 
-def moved_project(recipe, run_dir: Path) -> tuple:
+def moved_project(recipe: Recipe, run_dir: Path) -> tuple[Recipe, dict[str, tuple[str, str]]]:
     """The recorded recipe with each input path that no longer exists read where it lies relative to RUN_DIR as it
     lay relative to the recorded export.output_dir (a project moved or copied with its run: its recipe.yaml records
     absolute paths), where that exists; {recipe key: (recorded path, path now)} of those. The files' hashes decide
@@ -139,7 +143,7 @@ def moved_project(recipe, run_dir: Path) -> tuple:
         return value
 
     raw = recipe.model_dump(mode="json")
-    for key in (key for key in PATH_KEYS if key != "export.output_dir"):  # (the re-run's own)
+    for key in (key for key in PATH_KEYS if key != "export.output_dir"):  # (the run's own directory: RUN_DIR)
         section, name = key.split(".")
         if raw[section].get(name) is not None:
             raw[section][name] = rebased(key, raw[section][name])
