@@ -213,6 +213,8 @@ FOREIGN_KEYS = [
      "exports the adapter of the best evaluation instead of the last."),
     ("  dtype:", "  load_in_4bit: true", "unknown key 'load_in_4bit' in model. A 4-bit base is a `quantization:` "
      "section (top level: method nf4, double_quant ...)."),
+    ("training:", "quantization: {load_in_4bit: true}", "unknown key 'load_in_4bit' in quantization. Here a 4-bit "
+     "base is `method: nf4`"),  # (was: "A 4-bit base is a `quantization:` section", where it was written)
     ("  lr:", "  wandb_project: x", "unknown key 'wandb_project' in training. The W&B project is the run directory's "
      "name"),  # (was: Did you mean 'nan_policy'?)
     ("training:", "learning_rate: 2.0e-4", "unknown key 'learning_rate' in the recipe: it is training's 'lr' here; "

@@ -150,6 +150,14 @@ _FOREIGN = {
                      "`report_to: [wandb]` turns W&B on.",
 }
 
+# transformers' quantization flags written in our `quantization:` section (whose `double_quant` tells it from the
+# others), where the pointer to that section would send the user where they are: the value they are there.
+_IN_QUANTIZATION = {
+    "load_in_4bit": " Here a 4-bit base is `method: nf4` (bitsandbytes' load_in_4bit with its NF4 type; `fp4` for "
+                    "FP4), with `double_quant: true` for bnb_4bit_use_double_quant.",
+    "load_in_8bit": " Here an 8-bit base is `method: int8`.",
+}
+
 # peft keys whose closest name here is another setting: what they are, not a pointer to that setting.
 _NOT_OURS = {
     ("bias", "lora_bias"): " peft's `bias` (all / lora_only: train the base's own biases) has no peftkit key; "
@@ -180,6 +188,8 @@ def _suggest(key: str, valid: list[str]) -> str:
     normal = key.lower().replace("-", "_")  # `Batch-Size` is `batch_size` written another way
     if note := next((n for (theirs, ours), n in _NOT_OURS.items() if normal == theirs and ours in valid), None):
         return note
+    if normal in _IN_QUANTIZATION and "double_quant" in valid:
+        return _IN_QUANTIZATION[normal]
     if normal in _FOREIGN:
         return _FOREIGN[normal]
     for name in (key, normal):
