@@ -144,14 +144,25 @@ def _run_of(adapter: str | None) -> Path | None:
     return None
 
 
-def _run_data(run: Path | None) -> dict | None:
-    """The data section of a run's recipe.yaml (which records every key set), or None where there is none to read."""
+def _run_data(run: Path | None) -> DataConfig | dict | None:
+    """The data section of a run's recipe.yaml (which records every key set) as `generate RUN_DIR` reads it, its
+    inputs where they lie now in a project moved with its run (`rundir.moved_project`), so that its rows can be read
+    (`_conversation_pairs`); the section as written where the file is no recipe; None where there is none to read."""
     import yaml
+    from pydantic import ValidationError
+
+    from peftkit.recipe import Recipe
+    from peftkit.rundir import moved_project
 
     try:
-        return yaml.safe_load((run / "recipe.yaml").read_text())["data"]
+        raw = yaml.safe_load((run / "recipe.yaml").read_text())
+        data = raw["data"]
     except (OSError, yaml.YAMLError, KeyError, TypeError):  # (run None: TypeError)
         return None
+    try:  # (as checkpoint.py reads it back: no path resolved, nothing fetched)
+        return moved_project(Recipe.model_validate(raw), run)[0].data
+    except (ValidationError, PeftkitError, ValueError, TypeError):
+        return data
 
 
 def _warn_if_untemplated(run: Path | None, cfg: DataConfig | dict | None, prompts: list[str]) -> None:

@@ -765,13 +765,18 @@ def test_a_chat_run_s_prompt_given_as_is_is_warned_and_an_empty_answer_said(tiny
     pairs = tmp_path / "pairs.jsonl"
     dpo = make_recipe(tmp_path / "dpo", silent, {"train": pairs, "eval": pairs}, data={"format": "preference"},
                       training={"objective": "dpo"})
+    shutil.copytree(run / "adapter", dpo.parent / "adapter")  # (dpo.parent: a run directory now, for --adapter)
     for prompt, warned in (([{"role": "user", "content": "2+2?"}], True), ("2+2?", False)):  # (text pairs: none)
         write_jsonl(pairs, [{"prompt": prompt, "chosen": "4", "rejected": "5"}])
-        monkeypatch.setattr(sys, "argv", ["peftkit", "generate", str(dpo), "--prompt", "hi", "--max-new-tokens", "2"])
-        main()
-        err = " ".join(capsys.readouterr().err.split())
-        assert (f"warning: {dpo} trains on conversations (data.format: preference, its rows conversations), and "
-                "--prompt is used as given" in err) is warned, err
+        # --adapter RUN_DIR and RUN_DIR/adapter read its recipe's rows too (no warning on the old code)
+        for given, named in ((str(dpo), dpo), (str(dpo.parent), dpo.parent), (str(dpo.parent / "adapter"), dpo.parent)):
+            flag = [] if given == str(dpo) else ["--adapter"]
+            monkeypatch.setattr(sys, "argv", ["peftkit", "generate", *flag, given, "--prompt", "hi",
+                                              "--max-new-tokens", "2"])
+            main()
+            err = " ".join(capsys.readouterr().err.split())
+            assert (f"warning: {named} trains on conversations (data.format: preference, its rows conversations), "
+                    "and --prompt is used as given" in err) is warned, err
 
 
 def test_an_answer_with_nothing_to_see_is_said_to_be_one():
@@ -810,3 +815,17 @@ def test_an_alpaca_run_s_prompt_is_given_as_an_instruction_with_format_alpaca(ti
         assert (warned in err) is (name == "bare"), err
         completions[name] = json.loads(out.read_text())[0]
     assert completions["flag"] == completions["written"] != completions["bare"]
+    # --adapter RUN_DIR (or RUN_DIR/adapter) of that run warns alike; an adapter directory without a run: no recipe
+    from peft import LoraConfig, get_peft_model
+
+    run, plain = tmp_path / "run", tmp_path / "plain"
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), LoraConfig(r=2, target_modules=["q_proj"]))
+    lora.save_pretrained(run / "adapter")
+    lora.save_pretrained(plain)
+    shutil.copy(recipe, run / "recipe.yaml")
+    for given, warned in ((run, True), (run / "adapter", True), (plain, False)):
+        monkeypatch.setattr(sys, "argv", ["peftkit", "generate", "--adapter", str(given), "--prompt", "hi",
+                                          "--max-new-tokens", "2"])
+        main()
+        err = " ".join(capsys.readouterr().err.split())
+        assert (f"warning: {run} trains on alpaca rows (data.format: alpaca)" in err) is warned, err
