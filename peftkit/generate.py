@@ -29,6 +29,8 @@ class GenerateJob:
     chat: bool = False
     instructions: bool = False
     """--format alpaca with --prompt: each prompt an instruction in the alpaca template, as training's prompts were."""
+    inputs: list[str] = field(default_factory=list)
+    """--input, with `instructions`: each prompt's input section, by position ('' or none given: no input section)."""
     data: str | None = None
     data_cfg: DataConfig | None = None
     split: str = "train"
@@ -54,8 +56,10 @@ class GenerateJob:
             system = self.data_cfg.system_prompt if self.data_cfg is not None else None
             opening = [{"role": "system", "content": system}] if system is not None else []
             return [chat_prompt(tok, [*opening, {"role": "user", "content": p}]) for p in self.prompts]
-        if self.instructions:
-            return [text_prompt(tok, prompt_and_target_text({"instruction": p}, "alpaca")[0]) for p in self.prompts]
+        if self.instructions:  # (an alpaca row's prompt: its input section where `input` is not empty)
+            inputs = self.inputs or [""] * len(self.prompts)
+            return [text_prompt(tok, prompt_and_target_text({"instruction": p, "input": i}, "alpaca")[0])
+                    for p, i in zip(self.prompts, inputs, strict=True)]
         return [text_prompt(tok, p) for p in self.prompts]
 
 
@@ -64,12 +68,13 @@ def generate_job(recipe: Path | None, overrides: list[str], model: str | None, a
                  sampling: Sampling, batch_size: int, trust_remote_code: bool = False,
                  task: int | None = None, adapters: list[tuple[str, str]] | None = None,
                  route: str | None = None, split: str | None = None, data_revision: str | None = None,
-                 arrow: ArrowSettings | None = None, general: list[str] | None = None) -> GenerateJob:
+                 arrow: ArrowSettings | None = None, general: list[str] | None = None,
+                 inputs: list[str] | None = None) -> GenerateJob:
     """The `peftkit generate` arguments as one job. A recipe (or run directory) gives the model, the adapter
     (a run's adapter/), the data format and, without --prompt or --data, data.eval's prompts. `adapters`: named
     adapters (instead of `adapter`), each row of --data picking one by its `route` column. `split`, `data_revision`:
     what is read of a hub dataset given as `data` (`hub_data_flags`). `arrow`: Arrow routing among the named adapters
-    (all but the `general` ones, GenKnowSub's)."""
+    (all but the `general` ones, GenKnowSub's). `inputs`: --input, each --prompt's alpaca input section."""
     sampling.check()
     adapters = adapters or []
     check_arrow(adapters, arrow, general or [], route)
@@ -89,13 +94,14 @@ def generate_job(recipe: Path | None, overrides: list[str], model: str | None, a
         raise PeftkitError(f"--chat applies to --prompt: with the prompts of {source}, the data's format decides (chat "
                            "rows are rendered with the chat template already). Drop --chat, or give --prompt TEXT.")
     check_choices(fmt, None)
+    _check_inputs(inputs or [], prompts, fmt)
     source, cfg = model_source(recipe, overrides, model, adapter, trust_remote_code, "generate")
     run = recipe if cfg is not None else _run_of(adapter)  # (a run's --adapter RUN_DIR: its recipe.yaml says)
     if prompts and not chat and fmt is None:
         _warn_if_untemplated(run, cfg.data if cfg is not None else _run_data(run), prompts)
     job = GenerateJob(source=source, prompts=prompts, chat=chat, instructions=bool(prompts) and fmt == "alpaca",
                       limit=limit, sampling=sampling, batch_size=batch_size, task=task, adapters=adapters, route=route,
-                      arrow=arrow, general=list(general or []))
+                      arrow=arrow, general=list(general or []), inputs=list(inputs or []))
     if cfg is not None:
         job.data_cfg = cfg.data
         if not prompts and not data:
@@ -118,6 +124,18 @@ def generate_job(recipe: Path | None, overrides: list[str], model: str | None, a
         raise PeftkitError("Nothing to generate from: pass --prompt TEXT (repeatable) or --data FILE.")
     job.split, job.data_cfg = hub_data_flags(data, split, data_revision, job.data_cfg, job.split)
     return job
+
+
+def _check_inputs(inputs: list[str], prompts: list[str], fmt: str | None) -> None:
+    """--input is the alpaca input section of the --prompt at its place: one per prompt, with --format alpaca."""
+    if not inputs:
+        return
+    if not prompts or fmt != "alpaca":
+        raise PeftkitError(f"--input {inputs[0]!r} is the input section of an alpaca prompt: give it with --prompt "
+                           "TEXT and --format alpaca (--data rows hold their own input).")
+    if len(inputs) != len(prompts):
+        raise PeftkitError(f"{len(prompts)} --prompt and {len(inputs)} --input given: each --input is the input of the "
+                           "--prompt at its place, so give one per --prompt (--input '' for a prompt without one).")
 
 
 def check_arrow(adapters: list[tuple[str, str]], arrow: ArrowSettings | None, general: list[str],

@@ -714,6 +714,13 @@ def test_flags_that_do_not_apply_to_the_prompts_are_refused(tiny_llama, number_d
     err = " ".join(cli_user_error(monkeypatch, capsys, "generate", "--model", str(tiny_llama), "--prompt", "hi",
                                   "--format", "alpaca", "--chat").split())
     assert "--format alpaca as an instruction in the alpaca template): drop --format or --chat." in err
+    hi = ["--model", str(tiny_llama), "--prompt", "hi"]
+    for extra, said in ((["--prompt", "yo", "--input", "x", "--format", "alpaca"], "2 --prompt and 1 --input given: "
+                         "each --input is the input of the --prompt at its place, so give one per --prompt (--input '' "
+                         "for a prompt without one)."),
+                        (["--input", "x"], "--input 'x' is the input section of an alpaca prompt: give it with "
+                         "--prompt TEXT and --format alpaca (--data rows hold their own input).")):
+        assert said in " ".join(cli_user_error(monkeypatch, capsys, "generate", *hi, *extra).split())
 
 
 def test_a_chat_run_s_prompt_given_as_is_is_warned_and_an_empty_answer_said(tiny_llama, number_data, tmp_path,
@@ -802,19 +809,26 @@ def test_an_alpaca_run_s_prompt_is_given_as_an_instruction_with_format_alpaca(ti
 
     recipe = make_recipe(tmp_path, tiny_llama, number_data)  # (data.format alpaca)
     completions = {}
-    for name, prompt, extra in (("bare", "hi", []), ("flag", "hi", ["--format", "alpaca"]),
-                                ("written", "### Instruction:\nhi\n\n### Response:\n", [])):
+    written = "### Instruction:\nhi\n\n### Response:\n"
+    with_input = "### Instruction:\nhi\n\n### Input:\n12 30\n\n### Response:\n"  # (an alpaca row with `input`)
+    for name, prompts, extra in (("bare", ["hi"], []), ("flag", ["hi"], ["--format", "alpaca"]),
+                                 ("written", [written, with_input], []),
+                                 ("input", ["hi", "hi"], ["--format", "alpaca", "--input", "12 30", "--input", ""])):
         out = tmp_path / f"{name}.json"
-        monkeypatch.setattr(sys, "argv", ["peftkit", "generate", str(recipe), "--prompt", prompt, "--max-new-tokens",
-                                          "6", "--json", str(out), *extra])
+        given = [arg for prompt in prompts for arg in ("--prompt", prompt)]
+        monkeypatch.setattr(sys, "argv", ["peftkit", "generate", str(recipe), *given, "--max-new-tokens", "6",
+                                          "--json", str(out), *extra])
         main()
         err = " ".join(capsys.readouterr().err.split())
         warned = (f"warning: {recipe} trains on alpaca rows (data.format: alpaca), and --prompt is used as given, "
                   "outside their template: pass --format alpaca to give it as an instruction, as training's prompts "
                   "were.")
         assert (warned in err) is (name == "bare"), err
-        completions[name] = json.loads(out.read_text())[0]
-    assert completions["flag"] == completions["written"] != completions["bare"]
+        completions[name] = json.loads(out.read_text())
+    assert completions["flag"][0] == completions["written"][0] != completions["bare"][0]
+    # --input: the input section of the --prompt at its place ('' none), as training formats a row with `input`
+    assert completions["input"] == completions["written"][::-1]
+    assert completions["written"][0]["completion"] != completions["written"][1]["completion"]
     # --adapter RUN_DIR (or RUN_DIR/adapter) of that run warns alike; an adapter directory without a run: no recipe
     from peft import LoraConfig, get_peft_model
 

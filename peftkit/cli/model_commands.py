@@ -210,6 +210,9 @@ def generate(
                                                "alpaca. With --prompt, alpaca gives each prompt as an instruction "
                                                "in the alpaca template.")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap each --prompt as a user turn in the chat template.")] = False,
+    input_: Annotated[Optional[list[str]], typer.Option("--input", metavar="TEXT", help="--format alpaca: the input "
+                                                        "section of the --prompt at its place (one per --prompt; '' "
+                                                        "for none).")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="--data: only the first N rows.")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Stop after this many new tokens (or at EOS).")] = 128,
     temperature: Annotated[float, typer.Option(help="0 (the default): greedy; > 0: sample.")] = 0.0,
@@ -251,7 +254,8 @@ def generate(
                        data_path(data) if data else None, fmt, chat, limit,
                        Sampling(max_new_tokens, temperature, top_p, seed, top_k, min_p, repetition_penalty,
                                   tuple(typed(t) for t in stop or [])),
-                       batch_size, trust_remote_code, task, named, route, split, data_revision, settings, general)
+                       batch_size, trust_remote_code, task, named, route, split, data_revision, settings, general,
+                       [typed(text) for text in input_ or []])
     if json_out is not None:  # and what the recipe gives: its data.eval, a run's adapter/
         check_json_out(json_out, "--json", inputs + job_inputs(job), "completions.json")
 
