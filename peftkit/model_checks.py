@@ -55,6 +55,7 @@ def check_model(cfg: Recipe) -> str:
     parameters counted as train counts them) and the kinds of modules it adapts. Call where `unavailable` is None."""
     from peftkit import long_context
     from peftkit.classify import with_head
+    from peftkit.data.tokenized import check_embedding_rows
     from peftkit.manifest import hub_commit
     from peftkit.memory import meta_model
     from peftkit.methods import method_of
@@ -90,6 +91,7 @@ def check_model(cfg: Recipe) -> str:
 
             rows = resize(model, len(tok))
             adapter = with_new_rows(adapter, model, added_ids(cfg.model, tok, rows)[0])
+        check_embedding_rows(cfg.data, model.get_input_embeddings().weight.shape[0], tok)  # tokenized rows' ids
         targets = adapt(cfg, model, adapter)
         method_of(cfg.adapter).check_run(model, cfg.adapter)
         if cfg.training.max_steps:  # the run's steps, known without the data: what the method adds to the loop

@@ -13,6 +13,7 @@ from peftkit.data import describe_stats, load_examples
 from peftkit.data.classification import LabelSet, load_classification
 from peftkit.data.packing import describe_packing, pack_examples
 from peftkit.data.preference import Pairs, load_pairs
+from peftkit.data.tokenized import check_embedding_rows
 from peftkit.errors import PeftkitError
 from peftkit.evaluate import RunEval
 from peftkit.preference import objective_loss
@@ -60,6 +61,8 @@ def _load_data(cfg: Recipe, tok, config, cache: bool = True,
         key = data.eval_setting(name)
         check_training_tasks(cfg, key, [*examples.task_ids, *(p.task_id for p in prompts)])
         check_answer_room(cfg, config, prompts)
+    if not cfg.model.add_tokens:  # (which give the model a row for each token of its tokenizer)
+        check_embedding_rows(data, getattr(config.get_text_config(), "vocab_size", None), tok)
     return train_ex, stats, evals, None
 
 

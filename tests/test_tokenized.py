@@ -294,25 +294,42 @@ def test_ids_of_model_add_tokens_tokens_are_in_the_vocabulary(tmp_path):
     assert example.input_ids == [5, 102, 6]
 
 
-def test_an_id_past_the_model_s_embedding_rows_is_refused(tiny_llama, tmp_path):
+def test_an_id_past_the_model_s_embedding_rows_is_refused(tiny_llama, tmp_path, monkeypatch, capsys):
     """A tokenizer with a token the model has no row for (103 tokens, 102 rows): an id of it in tokenized rows is
-    within the tokenizer's length (no bad row), and the forward's guard (`data.checks.guard_token_ids`, every format's)
-    names it at the first step, not torch's IndexError."""
+    within the tokenizer's length (no bad row), and was said only at the first forward (the guard's 'token
+    '<|extra|>' (id 102) has no embedding'). train and validate say it where they read the rows, by file, line and
+    id (data.train's, data.eval's); with model.add_tokens naming the token, as the error says, the recipe validates."""
     import shutil
 
     from peftkit.errors import PeftkitError
+    from tests.conftest import cli_user_error
 
     base = tmp_path / "base"
     shutil.copytree(tiny_llama, base)
     tok = build_char_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": ["<|extra|>"]})
     tok.save_pretrained(base)
-    write_jsonl(tmp_path / "d.jsonl", [{"input_ids": [5, 6, 7]}, {"input_ids": [5, 102, 6]}])
-    files = {"train": tmp_path / "d.jsonl", "eval": tmp_path / "d.jsonl"}
-    recipe = make_recipe(tmp_path, base, files, data={"format": "tokenized"}, training={"max_steps": 1})
-    with pytest.raises(PeftkitError, match=r"token '<\|extra\|>' \(id 102\) has no embedding: the model has 102 "
-                                           r"embedding rows and its tokenizer 103 tokens"):
+    bad, good = tmp_path / "d.jsonl", tmp_path / "good.jsonl"
+    write_jsonl(bad, [{"input_ids": [5, 6, 7]}, {"input_ids": [5, 102, 6]}])
+    write_jsonl(good, [{"input_ids": [5, 6, 7]}])
+    recipe = make_recipe(tmp_path, base, {"train": bad, "eval": good}, data={"format": "tokenized"},
+                         training={"max_steps": 1})
+    said = ("input_ids[1] is 102 ('<|extra|>'), past the model's 102 embedding rows (ids 0 .. 101): its tokenizer has "
+            "103 tokens, some added after the model was saved, which the model has no embedding for. Tokenize the "
+            "rows with the tokenizer the model was saved with (tokenized with another one?), or list the tokens they "
+            "use in model.add_tokens (peftkit adds their rows and trains them: ['<|extra|>']).")
+    with pytest.raises(PeftkitError) as e:
         train(load_recipe(recipe), show_summary=False)
+    assert f"{bad}:2: {said}" == " ".join(str(e.value).split())
+    err = cli_user_error(monkeypatch, capsys, "validate", str(recipe), "--set", f"data.train={good}",
+                         "--set", f"data.eval={bad}")
+    assert f"{bad}:2: {said}" in " ".join(err.split()), err
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+
+    fixed = CliRunner().invoke(app, ["validate", str(recipe), "--set", "model.add_tokens=['<|extra|>']"])
+    assert fixed.exit_code == 0, fixed.output
 
 
 @pytest.mark.parametrize(("sections", "said"), [

@@ -145,6 +145,36 @@ def vocabulary_problem(row: dict, size: int) -> str | None:
             f"{size - 1}: tokenized with another tokenizer?)")
 
 
+def check_embedding_rows(data, rows: int | None, tok) -> None:
+    """Refuse a tokenized row of `data` (data.train's, each data.eval set's; local files) holding an id at or past the
+    model's `rows` embedding rows where its tokenizer `tok` has more tokens than that (tokens added to it after the
+    model was saved; an id past the tokenizer's own is a bad row, `vocabulary_problem`), naming the row, as train and
+    validate read the rows: it was caught at the first forward (`data.checks.guard_token_ids`, which still catches a
+    hub dataset's). Not a bad row that data.on_bad_rows: skip leaves out: the model and its tokenizer disagree."""
+    if rows is None or len(tok) <= rows:  # (every id within the tokenizer's has its row)
+        return
+    from peftkit.data.formats import format_rows
+    from peftkit.data.rows import load_rows, row_location
+    from peftkit.recipe import is_local_dataset
+
+    for source in [*data.train_sources(), *data.eval_sources().values()]:
+        if source.format != "tokenized" or not is_local_dataset(source.path):
+            continue
+        read, _, lines = load_rows(source.path, source.split, data.on_bad_rows)
+        own = data.model_copy(update={"columns": source.columns, "format": "tokenized"})
+        for i, row in enumerate(format_rows(read, own)):
+            if not isinstance(row, dict) or tokenized_problem(row, target=False) or vocabulary_problem(row, len(tok)):
+                continue  # (a bad row: said, or left out, where the examples are built)
+            if (at := next((j for j, t in enumerate(row["input_ids"]) if t >= rows), None)) is not None:
+                token = tok.convert_ids_to_tokens(row["input_ids"][at])
+                raise PeftkitError(
+                    f"{row_location(source.path, i, lines)}: input_ids[{at}] is {row['input_ids'][at]} ({token!r}), "
+                    f"past the model's {rows} embedding rows (ids 0 .. {rows - 1}): its tokenizer has {len(tok)} "
+                    "tokens, some added after the model was saved, which the model has no embedding for. Tokenize "
+                    "the rows with the tokenizer the model was saved with (tokenized with another one?), or list the "
+                    f"tokens they use in model.add_tokens (peftkit adds their rows and trains them: [{token!r}]).")
+
+
 class PastVocabulary(PeftkitError):
     """The bad row error of a token id past the tokenizer's (`vocabulary_problem`), which a comparison says of its base
     row in its own words (`peftkit.compare`: an adapter's added tokens): `where`, the row; `problem`, the id."""
