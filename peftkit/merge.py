@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 
 from peftkit.errors import PeftkitError
 from peftkit.fileio import atomic_directories
-from peftkit.merge_weights import MergeWarning, merged_model
+from peftkit.merge_weights import MergeWarning, base_tensors, merged_model
 from peftkit.merge_weights import dequantize_weight as dequantize_weight  # re-exported: peftkit.methods.lora_layers
 from peftkit.methods.layer import refuse_unmergeable
 
@@ -91,7 +92,8 @@ def same_base(a: str, b: str) -> bool:
 
 
 def save_merged(model: nn.Module, tokenizer, output_dir: str | Path, provenance: dict | None = None,
-                replace: bool = True, requantized: tuple[Path, str] | None = None) -> None:
+                replace: bool = True, requantized: tuple[Path, str] | None = None,
+                base: dict[str, Callable[[], torch.Tensor]] | None = None) -> None:
     """save_pretrained of the model and tokenizer into `output_dir`, atomically as a directory.
 
     Args:
@@ -101,6 +103,9 @@ def save_merged(model: nn.Module, tokenizer, output_dir: str | Path, provenance:
         requantized: (directory, method) of `--requantize`: the merged model re-quantized there, the two written as a
             pair (`atomic_directories`): a failure, Ctrl-C or kill at any moment leaves the earlier pair, never a new
             `output_dir` beside an old re-quantized one, or the other way round.
+        base: with `requantized`, the weights the merge started from (`merge_weights.base_tensors` of the adapted
+            model): the re-quantized model's peftkit.json then records how much of the update it keeps
+            (`peftkit.requantized.update_kept`).
     """
     if tokenizer is not None:
         stop_at_turn_end(model, tokenizer)
@@ -108,7 +113,7 @@ def save_merged(model: nn.Module, tokenizer, output_dir: str | Path, provenance:
     with atomic_directories(paths, replace) as tmps:
         write_model(model, tokenizer, tmps[0], provenance)
         if requantized is not None:
-            requantize_into(tmps[0], tmps[1], requantized[1])
+            requantize_into(tmps[0], tmps[1], requantized[1], (model, base) if base is not None else None)
 
 
 def write_model(model: nn.Module, tokenizer, directory: Path, provenance: dict | None = None) -> None:
@@ -334,7 +339,8 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
     # new OUTPUT-nf4 beside the old OUTPUT), both complete-looking and of different merges.
     save_merged(merged, tok, targets[0], base_provenance(base.name_or_path, base.revision, base.trust_remote_code,
                                                          recorded_reward_center(adapter_dir)),
-                replace=overwrite, requantized=(targets[1], requantize) if requantize else None)
+                replace=overwrite, requantized=(targets[1], requantize) if requantize else None,
+                base=base_tensors(model) if requantize else None)
     return Path(output_dir)
 
 
@@ -388,16 +394,20 @@ def requantize_model(merged_dir: str | Path, output_dir: str | Path, method: str
     model's peftkit.json (what it was merged from, a reward model's centring weight, which `peftkit eval --model
     OUTPUT-nf4` scores with: it was left behind, and the loss scored without it). Rounding the merged weights to
     4 bits again rounds away an update below half a 4-bit step, most of a LoRA's: the result may be close to
-    the base's own 4-bit model (the CLI's warning says so, with figures in its comment)."""
+    the base's own 4-bit model (`merge --requantize`, which has the base at hand, records how close:
+    `peftkit.requantized`)."""
     with atomic_directories([Path(output_dir)], replace) as (tmp,):
         requantize_into(merged_dir, tmp, method)
 
 
-def requantize_into(merged_dir: str | Path, directory: Path, method: str) -> None:
-    """The files of `requantize_model` in `directory` (a temporary one, put in place by the caller)."""
-    import shutil
+def requantize_into(merged_dir: str | Path, directory: Path, method: str,
+                    measured: tuple[nn.Module, dict] | None = None) -> None:
+    """The files of `requantize_model` in `directory` (a temporary one, put in place by the caller); with `measured`,
+    (the merged model, the weights it was merged from: `base_tensors`), peftkit.json's `requantized` records how much
+    of the update the 4-bit weights keep (`peftkit.requantized.update_kept`)."""
     from peftkit.modeling import load_config, load_model, load_tokenizer
     from peftkit.recipe import ModelConfig, QuantizationConfig
+    from peftkit.requantized import update_kept
 
     cfg = ModelConfig(name_or_path=str(merged_dir), dtype="auto")
     # A merged classifier (a reward model) loads as the classifier it is, its head kept in full precision
@@ -409,5 +419,8 @@ def requantize_into(merged_dir: str | Path, directory: Path, method: str) -> Non
     tokenizer = load_tokenizer(cfg)
     stop_at_turn_end(model, tokenizer)
     write_model(model, tokenizer, directory)
-    if (record := Path(merged_dir) / MERGED_FROM_NAME).is_file():
-        shutil.copyfile(record, directory / MERGED_FROM_NAME)
+    record = model_record(merged_dir) or {}
+    if measured is not None:
+        record["requantized"] = {"method": method, **update_kept(model, *measured)}
+    if record:
+        (directory / MERGED_FROM_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")

@@ -9,7 +9,9 @@ drift from the trained model). The delta is added in fp32 and the result cast on
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -32,18 +34,23 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
     import bitsandbytes.functional as bnbF
 
     weight = module.weight
-    state = getattr(weight, "quant_state", None)
-    if state is not None:  # 4-bit, with nested (double-quant) stats if any
-        data = weight.data
-        if getattr(state, "packing_format_for_cpu", False):
-            data, state = _unpack_cpu_inference_layout(data, state)
-        return bnbF.dequantize_4bit(data, state).float()
+    if getattr(weight, "quant_state", None) is not None:  # 4-bit, with nested (double-quant) stats if any
+        return bnbF.dequantize_4bit(*quantized_codes(module)).float()
     scb = getattr(weight, "SCB", None)
     if scb is None:  # (a Linear4bit not quantized yet, on the meta device, has neither: `peftkit.model_checks`)
         scb = getattr(getattr(module, "state", None), "SCB", None)
     if weight.dtype == torch.int8 and scb is not None:  # LLM.int8(): row-wise absmax scaling by SCB / 127
         return weight.data.float() * scb.float().unsqueeze(1) / 127.0
     return weight.data.float()
+
+
+def quantized_codes(module: nn.Module):
+    """(packed 4-bit codes, QuantState) of a Linear4bit in bitsandbytes' usual flat layout, which
+    `bitsandbytes.functional.dequantize_4bit` reads (a weight repacked for the CPU kernel unpacked, on copies)."""
+    data, state = module.weight.data, module.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        data, state = _unpack_cpu_inference_layout(data, state)
+    return data, state
 
 
 def _unpack_cpu_inference_layout(data: torch.Tensor, state):
@@ -73,9 +80,15 @@ def _unpack_cpu_inference_layout(data: torch.Tensor, state):
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The base model's plain state dict (original key names, quantized weights dequantized to fp32),
     leaving out adapter parameters. Works on an injected model or a bare one."""
+    return {key: read() for key, read in base_tensors(model).items()}
+
+
+def base_tensors(model: nn.Module) -> dict[str, Callable[[], torch.Tensor]]:
+    """`base_state_dict`'s entries, each made when called: one quantized layer dequantized at a time
+    (`peftkit.requantized.update_kept` reads the base layer by layer, beside the merged model)."""
     adapters = adapter_layers(model)
     skip = _non_persistent(model)
-    state: dict[str, torch.Tensor] = {}
+    state: dict[str, Callable[[], torch.Tensor]] = {}
     for name, module in model.named_modules():
         if _adapter_own(name, adapters):
             continue  # the adapter's own modules (lora_A, lora_B, dropout, ...)
@@ -83,11 +96,16 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for pname, p in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
             if f"{name}.{pname}" in skip or isinstance(module, TokenAdapter):  # (its trained rows)
                 continue
-            value = dequantize_weight(module) if (is_quantized(module) and pname == "weight") else p.detach()
-            if pname == "weight" and _quantized_conv1d(module):  # back to the plain Conv1D's (in, out)
-                value = value.T.contiguous()
-            state[f"{key}.{pname}" if key else pname] = value.cpu()
+            state[f"{key}.{pname}" if key else pname] = functools.partial(_base_value, module, pname, p)
     return state
+
+
+def _base_value(module: nn.Module, pname: str, p: torch.Tensor) -> torch.Tensor:
+    """One tensor of `base_state_dict`: a quantized weight dequantized, in the plain model's layout, on the CPU."""
+    value = dequantize_weight(module) if (is_quantized(module) and pname == "weight") else p.detach()
+    if pname == "weight" and _quantized_conv1d(module):  # back to the plain Conv1D's (in, out)
+        value = value.T.contiguous()
+    return value.cpu()
 
 
 def _adapter_own(name: str, adapters: dict[str, nn.Module]) -> bool:

@@ -70,21 +70,30 @@ def merge(
                            f"--method); one --adapter is merged into its base as it is. Remove {given}.")
     if requantize:
         # Not "slightly": an additive update (LoRA's, DoRA's, LoHa's, LoKr's, VeRA's) is mostly below half a 4-bit
-        # step, so rounding W + dW again gives W's codes back (SmolLM2-135M, QLoRA r 8 after 4 steps: 451 of 106
-        # million codes changed; logits 1.0 from the base's 4-bit model, 33 from the adapter's). IA3's row scales
-        # pass into the blocks' absmax (logits 6 from the adapter's); OFT's rotation moves 17 % of the codes.
+        # step, so rounding W + dW again gives W's codes back. The line printed after the merge says how much is kept
+        # (peftkit.requantized; SmolLM2-135M, QLoRA r 8 after 4 steps: see docs/cli.md's merge).
         err_console.print(f"[yellow]warning:[/] --requantize {requantize} rounds the merged weights to 4 bits again, "
                           "which rounds away an update smaller than half a 4-bit step, as most of a LoRA's "
-                          "is: the re-quantized model may give the base's outputs rather than the trained model's "
-                          "(peftkit eval --model on it tells). The full-precision merge, kept too, holds the whole "
-                          "update.")
+                          "is: the re-quantized model may give the base's outputs rather than the trained model's. "
+                          "The merge says how much of the update it keeps (peftkit eval --model on it tells the "
+                          "rest); the full-precision merge, kept too, holds the whole update.")
     with phase(f"Merging {adapter[0]} into its base..."):
         out = merge_adapter(adapter_path(adapter[0]), output, model_path(base, "--base"), dtype, requantize,
                             overwrite, trust_remote_code, task)
     console.print(f"Merged model written to {out}", markup=False, highlight=False)
     if requantize:
-        console.print(f"Re-quantized ({requantize}) model written to {requantized_dir(out, requantize)}", markup=False,
-                      highlight=False)
+        _say_requantized(requantized_dir(out, requantize), requantize)
+
+
+def _say_requantized(directory: Path, method: str) -> None:
+    """Where `merge --requantize` wrote the 4-bit model, and how much of the update it keeps (its peftkit.json's
+    `requantized`, `peftkit.requantized.kept_line`)."""
+    from peftkit.merge import model_record
+    from peftkit.requantized import kept_line
+
+    console.print(f"Re-quantized ({method}) model written to {directory}", markup=False, highlight=False)
+    if (record := (model_record(directory) or {}).get("requantized")) is not None:
+        console.print(kept_line(record, directory), markup=False, highlight=False)
 
 
 def _combine(adapters: list[str], output: str, base: str | None, dtype: str | None, requantize: str | None,
