@@ -25,6 +25,7 @@ from peftkit.progress import counted, phase
 from peftkit.rope_scaling import fresh_dynamic_rope
 from peftkit.runtime import peak_memory_mb
 from peftkit.samples import answers, print_samples, sample_prompts
+from peftkit.start_eval import BASE, START, prefix, title
 
 if TYPE_CHECKING:
     from torch import nn
@@ -78,7 +79,7 @@ def finish(run: Run, state: LoopState, started: float, show_summary: bool) -> di
     try:
         # A hub base's revision as the commit that loaded: the adapter names the base it was trained on.
         model_cfg = cfg.model.model_copy(update={"revision": run.base_commit or cfg.model.revision})
-        card_metrics = {k: v for k, v in run.summary.items() if k.startswith("base_eval_")} | evaluated
+        card_metrics = {k: v for k, v in run.summary.items() if k.startswith((BASE, START))} | evaluated
         exported = export(model, run.tok, cfg.model_copy(update={"adapter": run.adapter, "model": model_cfg}),
                           run.targets, out, run.method_trainer, run.labels, weights, card_metrics)
     except DiskFullError as e:
@@ -102,7 +103,7 @@ def finish(run: Run, state: LoopState, started: float, show_summary: bool) -> di
     _write_manifest(run, model, state, summary, exported)
     report = _write_report(run) if cfg.export.report else None
     if show_summary:
-        _print_summary(run.console, summary, out, exported + ([report] if report else []))
+        _print_summary(run.console, summary, out, exported + ([report] if report else []), cfg.adapter.init_from)
     run.accelerator.wait_for_everyone()
     return summary
 
@@ -191,11 +192,13 @@ def _check_finite(run: Run, model, eval_result: dict | None, state: LoopState, w
 
 
 def _other_sets(s: dict) -> list[tuple[str, str]]:
-    """The summary's line of each other set of data.eval (`eval_<name>_loss`): its loss, base and fine-tuned, and its
-    eval.metrics (a classifier's accuracy and macro-F1, a DPO run's reward accuracy and margin)."""
-    rows = []
+    """The summary's line of each other set of data.eval (`eval_<name>_loss`): its loss, base (or an init_from run's
+    start) and fine-tuned, and its eval.metrics (a classifier's accuracy and macro-F1, a DPO run's reward accuracy and
+    margin)."""
+    rows, before = [], prefix(s)
     for name in (k[5:-5] for k in s if k.startswith("eval_") and k.endswith("_loss") and k != "eval_loss"):
-        figures = [f"{s[f'base_eval_{name}_loss']:.4f} base -> "] if s.get(f"base_eval_{name}_loss") is not None else []
+        first = s.get(f"{before}{name}_loss")
+        figures = [f"{first:.4f} {'start' if before == START else 'base'} -> "] if first is not None else []
         figures.append(f"{s[f'eval_{name}_loss']:.4f}")
         if s.get(f"eval_{name}_perplexity") is not None:
             figures.append(f"  (ppl {s[f'eval_{name}_perplexity']:.2f})")
@@ -206,23 +209,25 @@ def _other_sets(s: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def _print_summary(console: Console, s: dict, out: Path, exported: list[Path]) -> None:
+def _print_summary(console: Console, s: dict, out: Path, exported: list[Path], init_from: str | None = None) -> None:
     """The run's figures and files: a table in a terminal; in a log (not a terminal) one `name  value` line each, so
-    that no path is folded across lines where a reader copies it from."""
+    that no path is folded across lines where a reader copies it from. The figures before training are the base
+    model's, or an adapter.init_from run's start's (`peftkit.start_eval`)."""
     from rich.table import Table
     from rich.text import Text
 
-    rows = []
+    rows, before = [], prefix(s)
+    first = title(before == START, init_from)
     classifier = s["eval_loss"] is not None and s["eval_perplexity"] is None  # no perplexity of a class
-    if s["base_eval_loss"] is not None:
-        ppl = "" if classifier else f"  (ppl {math.exp(min(s['base_eval_loss'], 700)):.2f})"
-        rows.append(("eval loss, base model", f"{s['base_eval_loss']:.4f}{ppl}"))
+    if s.get(f"{before}loss") is not None:
+        ppl = "" if classifier else f"  (ppl {math.exp(min(s[f'{before}loss'], 700)):.2f})"
+        rows.append((f"eval loss, {first}", f"{s[f'{before}loss']:.4f}{ppl}"))
     if s["eval_loss"] is not None:
         ppl = "" if classifier else f"  (ppl {s['eval_perplexity']:.2f})"
         rows.append(("eval loss, fine-tuned", f"{s['eval_loss']:.4f}{ppl}"))
     for metric in (m for m in (*GENERATION_METRICS, *CLASSIFICATION_METRICS, *PREFERENCE_METRICS, "kl")
                    if f"eval_{m}" in s):  # eval.metrics, a classifier's, a DPO run's, a KTO run's
-        for who, key in (("base model", f"base_eval_{metric}"), ("fine-tuned", f"eval_{metric}")):
+        for who, key in ((first, f"{before}{metric}"), ("fine-tuned", f"eval_{metric}")):
             if s.get(key) is not None:
                 rows.append((f"{metric}, {who}", f"{s[key]:.4f}"))
     rows += _other_sets(s)
@@ -246,5 +251,5 @@ def _print_summary(console: Console, s: dict, out: Path, exported: list[Path]) -
         for name, value in rows:
             console.print(f"  {escape(name):<{width}}  {escape(value)}", soft_wrap=True, highlight=False)
     if s.get("samples"):
-        print_samples(console, s["samples"])
+        print_samples(console, s["samples"], first)
 

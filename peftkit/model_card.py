@@ -18,6 +18,7 @@ import yaml
 from peftkit import __version__
 from peftkit.recipe import Recipe, is_hub_dataset
 from peftkit.report import metrics_rows
+from peftkit.start_eval import START, prefix, shown, title
 
 CARD_NAME = "README.md"
 PEFTKIT_ONLY = {"BOTTLENECK", "ADAPTER_FUSION"}
@@ -46,7 +47,8 @@ def model_card(cfg: Recipe, peft_type: str, metrics: dict, labels: list[str] | N
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "",
              f"# {cfg.adapter.method} adapter for `{_shown(base, hub_base)}`", "",
              f"Trained with peftkit {__version__} on {_data(cfg)}, {_length(cfg)}.{_objective(cfg)}", ""]
-    lines += _results(metrics, cfg.classification, list(cfg.data.eval) if isinstance(cfg.data.eval, dict) else [])
+    lines += _results(metrics, cfg.classification, list(cfg.data.eval) if isinstance(cfg.data.eval, dict) else [],
+                      cfg.adapter.init_from)
     lines += _usage(cfg, peft_type, base, hub_base, labels)
     sections = {"adapter": _named(cfg.adapter.model_dump(mode="json", exclude_none=True)),
                 "training": cfg.training.model_dump(mode="json", exclude_defaults=True)}
@@ -64,11 +66,8 @@ def _shown(name: str, hub: bool) -> str:
 def _named(adapter: dict) -> dict:
     """The adapter keys with the directories it started from (init_from, fuse, source_adapter) by their names: a
     local path says nothing on the Hub (a hub id stays as it is)."""
-    def name(path: str) -> str:
-        return Path(path).name if Path(path).is_absolute() else path
-
-    return {key: ([name(v) for v in value] if key == "fuse" and isinstance(value, list) else
-                  name(value) if key in ("init_from", "source_adapter") and isinstance(value, str) else value)
+    return {key: ([shown(v) for v in value] if key == "fuse" and isinstance(value, list) else
+                  shown(value) if key in ("init_from", "source_adapter") and isinstance(value, str) else value)
             for key, value in adapter.items()}
 
 
@@ -118,20 +117,24 @@ def _length(cfg: Recipe) -> str:
     return f"{steps} of batch {t.batch_size} × {t.grad_accum}, lr {t.lr:g} ({t.scheduler})"
 
 
-def _results(metrics: dict, classifier: bool, sets: list[str]) -> list[str]:
+def _results(metrics: dict, classifier: bool, sets: list[str], init_from: str | None = None) -> list[str]:
     """The evaluation table. `sets`: data.eval's names where it is a mapping; the first set's figures are the rows
-    without a name (eval_loss, ...), each other's loss a row named by it (eval_NAME_loss, base_eval_NAME_loss)."""
+    without a name (eval_loss, ...), each other's loss a row named by it (eval_NAME_loss, base_eval_NAME_loss). The
+    column before training is the base model's, or an adapter.init_from run's start's (`init_from`, the adapter it
+    started from: `start_eval_loss`, ..., `peftkit.start_eval`)."""
     def fmt(key: str) -> str:
         return "" if metrics.get(key) is None else f"{metrics[key]:.4f}"
 
-    others = [(f"eval loss, {name}", fmt(f"base_eval_{name}_loss"), fmt(f"eval_{name}_loss")) for name in sets[1:]]
+    before = prefix(metrics)
+    others = [(f"eval loss, {name}", fmt(f"{before}{name}_loss"), fmt(f"eval_{name}_loss")) for name in sets[1:]]
     rows = [row for row in metrics_rows(metrics, classifier) + others if row[1] or row[2]]
     if not rows:
         return []
     if not any(base for _, base, _ in rows):  # eval.base_model: false: the fine-tuned model's only
         table = ["| | fine-tuned |", "| --- | --- |"] + [f"| {a} | {c} |" for a, _, c in rows]
     else:
-        table = ["| | base model | fine-tuned |", "| --- | --- | --- |"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
+        table = [f"| | {title(before == START, init_from)} | fine-tuned |", "| --- | --- | --- |"] + [
+            f"| {a} | {b} | {c} |" for a, b, c in rows]
     where = "`data.eval`"  # one set's card is as it was: verify compares a run's card bytes
     if len(sets) > 1:
         named = [f"`{sets[0]}` (the first: the rows without a set's name)", *(f"`{name}`" for name in sets[1:])]

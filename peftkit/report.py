@@ -20,6 +20,7 @@ import os
 import re
 from pathlib import Path
 
+from peftkit import start_eval
 from peftkit.errors import PeftkitError
 from peftkit.fileio import atomic_directory, locked_directory
 from peftkit.manifest import read_manifest
@@ -188,16 +189,18 @@ def plot_curves(train: list[dict], evals: list[dict], log_scale: bool) -> dict[s
     return plots
 
 
-def _table(rows: list[tuple[str, str, str]]) -> str:
+def _table(rows: list[tuple[str, str, str]], before: str = "base") -> str:
     cells = "".join(f"<tr><th>{html.escape(a)}</th><td>{html.escape(b)}</td><td>{html.escape(c)}</td></tr>"
                     for a, b, c in rows)
-    return f"<table><tr><th></th><th>base</th><th>fine-tuned</th></tr>{cells}</table>"
+    return f"<table><tr><th></th><th>{html.escape(before)}</th><th>fine-tuned</th></tr>{cells}</table>"
 
 
 def metrics_rows(metrics: dict, classifier: bool) -> list[tuple[str, str, str]]:
     """Eval loss and perplexity (a classifier's loss has none), and the eval.metrics (a classifier's accuracy and
-    macro-F1), of the base model (before training) and of the fine-tuned one."""
-    base, tuned = metrics.get("base_eval_loss"), metrics.get("eval_loss")
+    macro-F1), before training (the base model's, or an adapter.init_from run's start's: `peftkit.start_eval`) and of
+    the fine-tuned model."""
+    before = start_eval.prefix(metrics)
+    base, tuned = metrics.get(f"{before}loss"), metrics.get("eval_loss")
 
     def fmt(value: float | None) -> str:  # a manifest from elsewhere may hold anything: shown as its text
         return "" if value is None else f"{value:.4f}" if _number(value) else str(value)
@@ -206,7 +209,7 @@ def metrics_rows(metrics: dict, classifier: bool) -> list[tuple[str, str, str]]:
     base_ppl = fmt(math.exp(min(base, 700.0)) if _number(base) else base)
     perplexity = [] if classifier or pairs else [("eval perplexity", base_ppl, fmt(metrics.get("eval_perplexity")))]
     return [("eval loss", fmt(base), fmt(tuned)), *perplexity] + [
-        (metric.replace("_", " "), fmt(metrics.get(f"base_eval_{metric}")), fmt(metrics.get(f"eval_{metric}")))
+        (metric.replace("_", " "), fmt(metrics.get(f"{before}{metric}")), fmt(metrics.get(f"eval_{metric}")))
         for metric in (*GENERATION_METRICS, *CLASSIFICATION_METRICS, *PREFERENCE_METRICS, *REWARDS, "kl")
         if f"eval_{metric}" in metrics]
 
@@ -245,7 +248,7 @@ def render_html(run_dir: Path, plots: dict[str, bytes], manifest: dict | None, r
     metrics = (manifest or {}).get("metrics", {})
     if run_dir.name in ("", ".."):  # `peftkit report .` titled the page "peftkit report: " and named the run "."
         run_dir = run_dir.resolve()
-    classifier = _task(recipe_text) == "sequence_classification"
+    classifier = _recipe_value(recipe_text, "model", "task") == "sequence_classification"
     images = "".join(f'<figure><img alt="{stem}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
                      f"</figure>" for stem, data in plots.items())
     facts = [("steps", metrics.get("steps")), ("trainable parameters", metrics.get("trainable_params")),
@@ -266,10 +269,14 @@ def render_html(run_dir: Path, plots: dict[str, bytes], manifest: dict | None, r
     # A manifest from elsewhere: samples that are not a list of objects are shown as text (an AttributeError before).
     samples = [s if isinstance(s, dict) else {"prompt": s} for s in (samples if isinstance(samples, list) else [samples])]
     # The base model's column only where it answered (eval.base_model): an empty cell reads as an empty answer.
+    # An init_from run's answers before training are its start's (`start`), titled so.
+    key, before = start_eval.sample_key(samples), start_eval.prefix(metrics)
+    start = start_eval.title(True, _recipe_value(recipe_text, "adapter", "init_from"))
     columns = {"prompt": "prompt", "reference": "reference"} | (
-        {"base": "base model"} if any("base" in s for s in samples) else {}) | {"fine_tuned": "fine-tuned"}
+        {key: start if key == "start" else "base model"} if any(key in s for s in samples) else {}) | {
+        "fine_tuned": "fine-tuned"}
     sample_rows = "".join("<tr>" + "".join(_text_cell(s.get(k)) for k in columns) + "</tr>" for s in samples)
-    headers = "".join(f"<th>{name}</th>" for name in columns.values())
+    headers = "".join(f"<th>{html.escape(name)}</th>" for name in columns.values())  # (init_from's name: the recipe's)
     sample_table = (f"<h2>Generations (greedy)</h2><table class='samples'><tr>{headers}</tr>{sample_rows}</table>"
                     if samples else "")
     # (a report is drawn of a run still training too: "did not finish" said it had stopped)
@@ -279,10 +286,11 @@ def render_html(run_dir: Path, plots: dict[str, bytes], manifest: dict | None, r
         return "" if value is None else f"{value:.4f}" if _number(value) else str(value)
 
     rows = metrics_rows(metrics, classifier) + [  # data.eval's other sets
-        (f"eval loss, {key[5:-5]}", fmt(metrics.get(f"base_{key}")), fmt(metrics.get(key)))
+        (f"eval loss, {key[5:-5]}", fmt(metrics.get(f"{before}{key[5:]}")), fmt(metrics.get(key)))
         for key in _other_set_losses(metrics)]
     # A table of empty cells read as results missing by mistake: say why there are none.
-    evaluation = _table(rows) if any(base or tuned for _, base, tuned in rows) else (
+    first = start if before == start_eval.START else "base"
+    evaluation = _table(rows, first) if any(base or tuned for _, base, tuned in rows) else (
         "<p>None recorded yet: the run has not finished (the evaluations it has logged, if any, are drawn with the "
         "loss).</p>" if manifest is None else "<p>None: the run evaluated nothing (its recipe has no data.eval).</p>")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>peftkit report: {html.escape(run_dir.name)}"
@@ -292,16 +300,17 @@ def render_html(run_dir: Path, plots: dict[str, bytes], manifest: dict | None, r
             f"<h2>Environment</h2><pre>{html.escape(environment)}</pre></body></html>")
 
 
-def _task(recipe_text: str) -> str | None:
-    """model.task of a run's resolved recipe.yaml (None where there is none, or it does not read)."""
+def _recipe_value(recipe_text: str, section: str, key: str) -> object:
+    """`section.key` of a run's resolved recipe.yaml (model.task, adapter.init_from; None where there is none, or it
+    does not read)."""
     import yaml
 
     try:
         recipe = yaml.safe_load(recipe_text)
     except yaml.YAMLError:
         return None
-    model = recipe.get("model") if isinstance(recipe, dict) else None
-    return model.get("task") if isinstance(model, dict) else None
+    values = recipe.get(section) if isinstance(recipe, dict) else None
+    return values.get(key) if isinstance(values, dict) else None
 
 
 def write_report(run_dir: Path, log_scale: bool = False, output: Path | None = None) -> Path:

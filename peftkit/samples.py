@@ -13,6 +13,7 @@ from peftkit.data.prompts import Prompt, load_prompts
 from peftkit.decoding import Sampling, generate_texts
 from peftkit.errors import visible
 from peftkit.recipe import Recipe
+from peftkit.start_eval import sample_key
 
 
 def sample_prompts(cfg: Recipe, tok) -> list[Prompt]:
@@ -40,26 +41,31 @@ def _short(text: str, width: int = 60) -> str:
     return flat if len(flat) <= width else "…" + flat[-(width - 1):]
 
 
-def print_samples(console: Console, samples: list[dict]) -> None:
-    """The samples: a table on a terminal; in a log, a line per field, never wrapped (newlines shown as spaces)."""
+def print_samples(console: Console, samples: list[dict], before: str = "base model") -> None:
+    """The samples: a table on a terminal; in a log, a line per field, never wrapped (newlines shown as spaces).
+    `before`: the title of the answers before training (`peftkit.start_eval.title`)."""
     if console.is_terminal:
-        console.print(samples_table(samples))
+        console.print(samples_table(samples, before))
         return
     console.print("generations (greedy)", highlight=False)
+    key = sample_key(samples)
     for i, s in enumerate(samples, 1):
         fields = [("prompt", _short(s["prompt"])), ("reference", s["reference"] or "")]
-        fields += [("base model", s.get("base") or "")] if "base" in s else []
+        fields += [(before, s.get(key) or "")] if key in s else []
         for name, value in [*fields, ("fine-tuned", s["fine_tuned"])]:
             console.print(Text(visible(f"  {i}  {name:<10}  {' '.join(value.split())}")), soft_wrap=True, highlight=False)
 
 
-def samples_table(samples: list[dict]) -> Table:
-    """prompt (its end), reference, base model's answer (when evaluated), fine-tuned answer."""
+def samples_table(samples: list[dict], before: str = "base model") -> Table:
+    """prompt (its end), reference, the answer before training (when evaluated: the base model's, or an init_from
+    run's start's, titled `before`), fine-tuned answer."""
     table = Table(title="generations (greedy)", show_lines=True)
-    columns = ["prompt", "reference"] + (["base model"] if any("base" in s for s in samples) else []) + ["fine-tuned"]
+    key = sample_key(samples)
+    answered = any(key in s for s in samples)
+    columns = ["prompt", "reference"] + ([before] if answered else []) + ["fine-tuned"]
     for column in columns:
         table.add_column(column, overflow="fold")
     for s in samples:
-        row = [_short(s["prompt"]), s["reference"] or ""] + ([s.get("base", "")] if "base model" in columns else [])
+        row = [_short(s["prompt"]), s["reference"] or ""] + ([s.get(key, "")] if answered else [])
         table.add_row(*(Text(visible(cell)) for cell in (*row, s["fine_tuned"])))  # as written: `[/INST]` is not markup
     return table

@@ -41,6 +41,7 @@ from peftkit.start_adapter import _inject, _with_new_tokens
 from peftkit.start_base import _base_samples, _evaluate_base, _reference_logps
 from peftkit.start_checks import _check_checkpoints, _check_evaluations, _check_loraplus, _total_steps
 from peftkit.start_data import _load_data, _training_rows
+from peftkit.start_eval import BASE, START, from_adapter
 from peftkit.trackers import DIRECTORY as TRACKERS_DIR
 from peftkit.trackers import Trackers, check_trackers
 
@@ -216,8 +217,9 @@ def make_accelerator(cfg: Recipe, out: Path):
 
 
 def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, cache: bool = True) -> Run:
-    """Seed, check the device and memory, load data and model, evaluate the base, inject the adapter and
-    build the optimizer: everything that can fail before the run directory is touched."""
+    """Seed, check the device and memory, load data and model, evaluate the base, inject the adapter (with
+    adapter.init_from, evaluate the base with it instead: `peftkit.start_eval`) and build the optimizer: everything
+    that can fail before the run directory is touched."""
     # With several processes each has its own device (cuda:<local rank>, or the CPU).
     device = accelerator.device if accelerator.num_processes > 1 else resolve_device(cfg.model.device)
     config, tok = _check_device_and_config(cfg, device, accelerator, resume, console)
@@ -229,12 +231,15 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
     adapter = _with_new_tokens(cfg, model, tok, adapter, config, console)
     if _referenced(cfg):  # the reference at the precision DeepSpeed's engine trains in (its forward's)
         zero.cast_as_the_engine(accelerator, model)
-    summary = _base_passes(cfg, model, tok, train_ex, evals, accelerator, console)
+    start = from_adapter(cfg)  # (init_from: the figures before training are the base's with its adapter)
+    summary = {} if start else _base_passes(cfg, model, tok, train_ex, evals, accelerator, console)
     targets = _inject(cfg, model, adapter, accelerator, console, summary)
     if _referenced(cfg) and _reference_after(cfg):
         zero.cast_as_the_engine(accelerator, model)  # the adapter's weights too (init_from's: the reference's)
         with accelerator.autocast():
             _reference_logps(cfg, model, tok, train_ex, evals, accelerator, console)
+    if start:
+        summary = _base_passes(cfg, model, tok, train_ex, evals, accelerator, console, start) | summary
     method_of(cfg.adapter).check_run(model, cfg.adapter)
     method_trainer = method_of(cfg.adapter).trainer(model, cfg.adapter, total_steps)
     model, optimizer, scheduler = _prepared(cfg, model, adapter, device, accelerator, total_steps, console)
@@ -342,22 +347,26 @@ def _reference_after(cfg: Recipe) -> bool:
     return bool(cfg.adapter.init_from or getattr(cfg.adapter, "layer_replication", None))
 
 
-def _base_passes(cfg: Recipe, model, tok, train_ex, evals: dict, accelerator, console: Console) -> dict:
+def _base_passes(cfg: Recipe, model, tok, train_ex, evals: dict, accelerator, console: Console,
+                 start: bool = False) -> dict:
     """The summary's base figures (None where not evaluated), from the base before the adapter is injected: the
-    reference's log-probabilities where it is the base, eval.base_model's evaluation or samples."""
-    summary = {"base_eval_loss": None} | {f"base_eval_{m}": None for m in task_metrics(cfg)}
+    reference's log-probabilities where it is the base, eval.base_model's evaluation or samples. `start` (an
+    adapter.init_from run's, `peftkit.start_eval`): after the injection, the figures and samples of the base with
+    that adapter, the model training starts from (`start_eval_loss`, ...)."""
+    prefix = START if start else BASE
+    summary = {f"{prefix}loss": None} | {f"{prefix}{m}": None for m in task_metrics(cfg)}
     eval_ex, referenced = next(iter(evals.values()), None), _referenced(cfg)
     if referenced:
         with accelerator.autocast():
             if not _reference_after(cfg):
                 _reference_logps(cfg, model, tok, train_ex, evals, accelerator, console)
             if cfg.eval.base_model:  # (no base evaluation, but the base's answers beside the fine-tuned ones)
-                summary |= _base_samples(cfg, model, tok, accelerator, console)
+                summary |= _base_samples(cfg, model, tok, accelerator, console, start)
     elif eval_ex and cfg.eval.base_model and not referenced:  # on --resume too: its figures are in the manifest, as an
         # unbroken run's. At the precision of the run's later evaluations (its forward's, after prepare); under
         # DeepSpeed, which holds 16-bit weights from prepare on and runs no autocast, at the recipe's model.dtype.
         with accelerator.autocast():
-            summary |= _evaluate_base(cfg, model, tok, evals, accelerator, console)
+            summary |= _evaluate_base(cfg, model, tok, evals, accelerator, console, start)
     return summary
 
 

@@ -1,5 +1,6 @@
 """The base model's passes at the start of a run (`peftkit.start.setup`), before training changes it: a preference
-objective's reference log-probabilities (DPO, KTO), and eval.base_model's evaluation and samples for the summary."""
+objective's reference log-probabilities (DPO, KTO), and eval.base_model's evaluation and samples for the summary (with
+adapter.init_from, of the base with that adapter: `peftkit.start_eval`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from peftkit.preference import nonfinite_references
 from peftkit.progress import counted, phase
 from peftkit.recipe import Recipe
 from peftkit.samples import answers, sample_prompts
+from peftkit.start_eval import BASE, START, title
 
 
 def _reference_logps(cfg: Recipe, model, tok, train_ex: Pairs, evals: dict, accelerator, console: Console) -> None:
@@ -43,25 +45,33 @@ def _reference_logps(cfg: Recipe, model, tok, train_ex: Pairs, evals: dict, acce
                     "model's weights.")
 
 
-def _evaluate_base(cfg: Recipe, model, tok, evals: dict, accelerator, console: Console) -> dict:
+def _evaluate_base(cfg: Recipe, model, tok, evals: dict, accelerator, console: Console, start: bool = False) -> dict:
     """eval.base_model: the base model's eval loss and metrics on each set of data.eval (`base_eval_loss`, ...,
-    `base_eval_<name>_loss`, ...), and eval.samples' base answers, for the summary."""
-    summary = {}
+    `base_eval_<name>_loss`, ...), and eval.samples' base answers, for the summary; `start`: the model an
+    adapter.init_from run starts from, the base with that adapter (`start_eval_loss`, ..., `peftkit.start_eval`)."""
+    summary, who, what = {}, title(start, cfg.adapter.init_from), _what(start)
     for i, (name, evaluation) in enumerate(evals.items()):
-        n, prefix = len(evaluation), "base_eval_" if i == 0 else f"base_eval_{name}_"
+        n = len(evaluation)
+        prefix = (START if start else BASE) + ("" if i == 0 else f"{name}_")
         shown = "" if i == 0 else f" of data.eval.{name}"
-        with phase(f"Evaluating the base model on {n} examples{shown} (eval.base_model: true)...", console):
+        with phase(f"Evaluating {what} on {n} examples{shown} (eval.base_model: true)...", console):
             base = evaluation(model)
-        console.print(f"base model: {evaluation.describe(base)} on {n} examples{shown}", highlight=False)
+        console.print(f"{who}: {evaluation.describe(base)} on {n} examples{shown}", highlight=False)
         summary |= {k: v for k, v in evaluation.record(base, prefix).items() if k != f"{prefix}perplexity"}
-    return summary | _base_samples(cfg, model, tok, accelerator, console)
+    return summary | _base_samples(cfg, model, tok, accelerator, console, start)
 
 
-def _base_samples(cfg: Recipe, model, tok, accelerator, console: Console) -> dict:
-    """{'samples': eval.samples' prompts, references and base answers} for the summary, or {}. The base's samples go
-    into the main process's summary; the model is not sharded yet, so only it generates."""
+def _base_samples(cfg: Recipe, model, tok, accelerator, console: Console, start: bool = False) -> dict:
+    """{'samples': eval.samples' prompts, references and base answers} for the summary, or {}; `start`: the answers
+    of the base with adapter.init_from's adapter, as `start`. The answers go into the main process's summary; the
+    model is not sharded yet, so only it generates."""
     if not accelerator.is_main_process or not (prompts := sample_prompts(cfg, tok)):
         return {}
-    with phase(f"Generating {counted(len(prompts), 'sample')} with the base model (eval.samples)...", console):
-        return {"samples": [{"prompt": p.text, "reference": p.reference, "base": text}
+    with phase(f"Generating {counted(len(prompts), 'sample')} with {_what(start)} (eval.samples)...", console):
+        return {"samples": [{"prompt": p.text, "reference": p.reference, "start" if start else "base": text}
                             for p, text in zip(prompts, answers(model, tok, prompts, cfg), strict=True)]}
+
+
+def _what(start: bool) -> str:
+    """The model evaluated before training, as the progress lines name it."""
+    return "the base with adapter.init_from's adapter (the run's start)" if start else "the base model"

@@ -1,6 +1,7 @@
 """The training loop: recipe in, run directory out.
 
     seed → load tokenizer, data, model (maybe 4-bit) → base eval → seed again → inject adapters
+    (adapter.init_from: inject, then evaluate the base with that adapter, the run's start)
     → optimizer/scheduler on accelerate → loop (accumulate, clip, step, log, eval, checkpoint) → export
 
 Loss is the sum of token cross-entropies over a whole accumulation window divided by the window's

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from peftkit import start_eval
 from peftkit.checkpoint import ALSO_AT, CHECKPOINTS, checkpoint_dirs
 from peftkit.errors import PeftkitError
 from peftkit.fileio import DiskFullError, resolved, sha256_file
@@ -297,7 +298,7 @@ def _rerun(run_dir: Path, manifest: Manifest, intact: set[str], tolerance: float
                       markup=False,
                       soft_wrap=True)
         try:
-            with _checkpoints_where(run_dir):
+            with _checkpoints_where(run_dir), _environ(start_eval.AS_BASE, _bare_base_before(manifest)):
                 _train_again(recipe, manifest.distributed, console)
         except PeftkitError as e:
             raise _rerun_failed(e, tmp, run_dir, report) from None
@@ -321,6 +322,14 @@ def _remove_stale_reruns(console: Console) -> None:
         console.print(f"note: removed {len(removed)} re-run director{'ies' if len(removed) > 1 else 'y'} of verify "
                       f"processes that ended without deleting {'them' if len(removed) > 1 else 'it'} (killed), in "
                       f"{removed[0][0].parent}: {listed}", markup=False, soft_wrap=True)
+
+
+def _bare_base_before(manifest: Manifest) -> str:
+    """`start_eval.AS_BASE` for the re-run: "1" for an adapter.init_from run whose manifest records no `start_eval_`
+    figure, a run from before 7 December 2026, which evaluated the bare base before training (as `base_eval_`, its
+    samples' `base` answers): the re-run does the same, so that its figures, samples and card are the run's."""
+    metrics = getattr(manifest, "metrics", None) or {}
+    return "1" if manifest.recipe.adapter.init_from and start_eval.prefix(metrics) != start_eval.START else "0"
 
 
 @contextmanager

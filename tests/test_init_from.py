@@ -205,3 +205,75 @@ def test_an_adapter_of_short_names_is_not_said_to_record_paths(tiny_llama, numbe
                      message), message
     assert message.endswith("Remove those keys from the recipe's adapter section (init_from takes them from the "
                             "adapter), or make them match.")
+
+
+def test_an_init_from_run_is_evaluated_from_the_adapter_it_starts_from(tiny_llama, number_data, tmp_path, monkeypatch):
+    """A run that continues an adapter (adapter.init_from) evaluates, before training, the model it starts from: the
+    base with that adapter, whose loss `peftkit eval --adapter DIR` gives (an independent computation), recorded as
+    `start_eval_loss` (each named set's `start_eval_<set>_loss`) and titled 'start (init_from: NAME)' in the summary,
+    the report and the card; its samples' answers before training are the adapter's (`start`). These were the bare
+    base's, titled 'base model': the table said the run improved from the bare base. The start's evaluation, after
+    the adapter is loaded, leaves training as it was (the losses of a run evaluating the bare base first), and the
+    run verifies; so does an older run, which evaluated the bare base (`base_eval_loss`, ...)."""
+    import io
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+    from peftkit.start_eval import AS_BASE
+    from peftkit.verify import verify
+
+    torch.manual_seed(0)
+    config = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                        init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), config).save_pretrained(tmp_path / "sft")
+    runner, figures = CliRunner(), {}
+    for name, adapter in (("base", []), ("start", ["--adapter", str(tmp_path / "sft")])):
+        done = runner.invoke(app, ["eval", "--model", str(tiny_llama), "--data", str(number_data["eval"]), "--format",
+                                   "alpaca", "--max-length", "128", "--json", str(tmp_path / f"{name}.json"), *adapter])
+        assert done.exit_code == 0, done.output
+        figures[name] = json.loads((tmp_path / f"{name}.json").read_text())["loss"]
+    assert abs(figures["start"] - figures["base"]) > 0.01  # the adapter really moves the figure
+
+    def run(where, **env):
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        path = _init_recipe(tmp_path / where, tiny_llama, number_data, {"init_from": str(tmp_path / "sft")})
+        raw = yaml.safe_load(path.read_text())
+        raw["data"]["eval"] = {"again": str(number_data["eval"]), "numbers": str(number_data["eval"])}  # (sorted)
+        raw["training"]["max_steps"] = 2
+        raw["eval"] |= {"base_model": True, "samples": 2, "max_new_tokens": 4}
+        raw["export"]["report"] = True
+        path.write_text(yaml.safe_dump(raw))
+        out = io.StringIO()
+        summary = train(load_recipe(path), console=Console(file=out, width=200))
+        monkeypatch.delenv(AS_BASE, raising=False)
+        return summary, out.getvalue(), tmp_path / where / "run"
+
+    summary, printed, out = run("new")
+    start, final = summary["start_eval_loss"], summary["eval_loss"]
+    assert abs(start - figures["start"]) <= 1e-5 and abs(summary["start_eval_numbers_loss"] - figures["start"]) <= 1e-5
+    assert not any(key.startswith("base_eval_") for key in summary)
+    assert f"start (init_from: sft): eval loss {start:.4f}" in printed
+    assert re.search(rf"eval loss, start \(init_from: sft\) +{start:.4f} ", printed), printed
+    assert re.search(rf"eval loss, numbers +{start:.4f} start -> {final:.4f} ", printed), printed
+    samples = summary["samples"]
+    assert all("start" in s and "base" not in s for s in samples) and "\n  1  start (init_from: sft)  " in printed
+    card = (out / "adapter" / "README.md").read_text()
+    assert "| | start (init_from: sft) | fine-tuned |" in card and f"| eval loss | {start:.4f} | {final:.4f} |" in card
+    page = (out / "report" / "report.html").read_text()
+    assert f"<th>start (init_from: sft)</th><th>fine-tuned</th></tr><tr><th>eval loss</th><td>{start:.4f}" in page
+    assert page.count("<th>start (init_from: sft)</th>") == 2  # the figures' table and the samples'
+    assert verify(out, console=Console(quiet=True)).ok
+
+    # A run as peftkit made them before 7 December 2026 (verify's re-run of one evaluates the bare base too).
+    older, _, older_out = run("older", **{AS_BASE: "1"})
+    assert abs(older["base_eval_loss"] - figures["base"]) <= 1e-5 and "start_eval_loss" not in older
+    assert all("base" in s for s in older["samples"])
+    assert "| | base model | fine-tuned |" in (older_out / "adapter" / "README.md").read_text()
+    assert "<tr><th></th><th>base</th><th>fine-tuned</th></tr>" in (older_out / "report" / "report.html").read_text()
+    assert json.loads((older_out / "manifest.json").read_text())["losses"] == \
+        json.loads((out / "manifest.json").read_text())["losses"]
+    assert verify(older_out, console=Console(quiet=True)).ok

@@ -462,8 +462,13 @@ def test_eval_of_a_dpo_run_gives_its_last_evaluation(tiny_llama, pairs_data, tmp
 
 def test_eval_of_a_dpo_run_from_init_from_takes_that_adapter_as_the_reference(tiny_llama, pairs_data, tmp_path):
     """With adapter.init_from the reference is that adapter over the base, as in training: `peftkit eval RUN_DIR`
-    gives the run's last evaluation, where the base as the reference (the adapter given alone) gives others."""
+    gives the run's last evaluation, where the base as the reference (the adapter given alone) gives others. The
+    samples' answers before training are that adapter's too (`start`), as `peftkit generate --adapter` answers (they
+    were the bare base's, `base`); no figure before training (DPO's loss against its own reference is log 2)."""
+    from typer.testing import CliRunner
+
     from conftest import save_random_adapter
+    from peftkit.cli import app
     from peftkit.methods.lora import LoraConfig
 
     sft = save_random_adapter(tiny_llama, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear"),
@@ -471,8 +476,16 @@ def test_eval_of_a_dpo_run_from_init_from_takes_that_adapter_as_the_reference(ti
     recipe = _dpo_recipe(tmp_path, tiny_llama, pairs_data, max_steps=4, eval_steps=2)
     raw = yaml.safe_load(recipe.read_text())
     raw["adapter"] = {"init_from": str(sft)}
+    raw["eval"] |= {"samples": 2, "max_new_tokens": 4}
     recipe.write_text(yaml.safe_dump(raw))
-    train(load_recipe(recipe))
+    summary = train(load_recipe(recipe))
+    assert summary["start_eval_loss"] is None and not any(key.startswith("base_eval_") for key in summary)
+    done = CliRunner().invoke(app, ["generate", "--model", str(tiny_llama), "--adapter", str(sft), "--data",
+                                    str(pairs_data["eval"]), "--format", "preference", "--max-new-tokens", "4",
+                                    "--limit", "2", "--json", str(tmp_path / "start.json")])
+    assert done.exit_code == 0, done.output
+    answers = [row["completion"] for row in json.loads((tmp_path / "start.json").read_text())]
+    assert [s["start"] for s in summary["samples"]] == answers and all("base" not in s for s in summary["samples"])
     last, run = _last_eval(tmp_path / "run"), tmp_path / "run"
     figures, _ = _eval_json(tmp_path, str(run))
     for name in FIGURES:

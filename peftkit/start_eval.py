@@ -1,0 +1,59 @@
+"""What a run's evaluation before training (eval.base_model) evaluates, and how its figures are named.
+
+An ordinary run evaluates the base model: `base_eval_loss`, `base_eval_<metric>`, `base_eval_<set>_loss`, the samples'
+`base` answers, titled "base model". A run with `adapter.init_from` continues an adapter (SFT then more SFT, DPO after
+SFT): it evaluates the model it starts from, the base with that adapter (its step-0 model, which the run's later
+evaluations improve on, as the Trainer's `eval_on_start` of a loaded PeftModel does), named `start_eval_loss`, ...,
+`start` answers, titled "start (init_from: NAME)". The bare base's figures belong to the run that trained the adapter
+(its own manifest has them; `peftkit eval --model BASE` gives them): a second evaluation of every set before training
+would cost as much as the first.
+
+Runs from before 7 December 2026 evaluated the bare base under init_from too (`base_eval_*`): their reports and cards
+read as written, and `peftkit verify` re-runs them so (`AS_BASE`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+BASE = "base_eval_"
+START = "start_eval_"
+AS_BASE = "PEFTKIT_BASE_EVAL"
+"""Set to "1" by `peftkit verify` for its re-run of an init_from run whose manifest records no `start_eval_` figure (a
+run from before they were kept): the re-run evaluates the bare base before training, as that run did."""
+
+
+def from_adapter(cfg) -> bool:
+    """Whether `cfg`'s run evaluates, before training, the base with adapter.init_from's adapter (once injected)."""
+    return bool(cfg.adapter.init_from) and os.environ.get(AS_BASE) != "1"
+
+
+def prefix(metrics: dict) -> str:
+    """The prefix of the figures before training in a run's summary (its manifest's `metrics`): `start_eval_` where it
+    has any (an init_from run's), else `base_eval_`."""
+    return START if any(key.startswith(START) for key in metrics) else BASE
+
+
+def sample_key(samples: list) -> str:
+    """The key of the answers before training in a run's samples: `start` (an init_from run's) or `base`."""
+    return "start" if any(isinstance(s, dict) and "start" in s for s in samples) else "base"
+
+
+def title(start: bool, init_from: object = None) -> str:
+    """The title of the figures before training: "base model", or (`start`) "start (init_from: NAME)", NAME the
+    adapter's directory name (a run's `RUN/adapter` as `RUN/adapter`; a hub adapter as the recipe records it,
+    `user/name@COMMIT`)."""
+    if not start:
+        return "base model"
+    if not isinstance(init_from, str) or not init_from:
+        return "start (init_from)"
+    path = Path(init_from)  # a run's adapter/ by its run too (`sft/adapter`): every run's is named adapter
+    name = f"{path.parent.name}/{path.name}" if path.is_absolute() and path.name == "adapter" else shown(init_from)
+    return f"start (init_from: {name})"
+
+
+def shown(path: str) -> str:
+    """An adapter directory as a card or report names it: a local path by its name (the full path says nothing on the
+    Hub or another machine), a hub id as it is."""
+    return Path(path).name if Path(path).is_absolute() else path
