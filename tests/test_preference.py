@@ -646,7 +646,9 @@ def test_a_setting_of_another_preference_objective_is_refused(tiny_llama, pairs_
 
 def test_simpo_from_an_sft_adapter_trains_as_trl_s_cpo_trainer(tiny_llama, tmp_path):
     """SimPO against TRL's CPOTrainer (loss_type simpo, cpo_alpha 0: SimPO as its docs set it) on a PeftModel of an
-    adapter far from identity: three SGD steps over the whole batch give TRL's losses, rewards and adapter."""
+    adapter far from identity: three SGD steps over the whole batch give TRL's losses, rewards and adapter. Its
+    figures before training are that adapter's (`start_eval_*`), as `peftkit eval RECIPE --adapter SFT` gives them
+    (they were the bare base's, `base_eval_*`)."""
     pytest.importorskip("trl")
     from datasets import Dataset
     from peft import PeftModel
@@ -669,7 +671,9 @@ def test_simpo_from_an_sft_adapter_trains_as_trl_s_cpo_trainer(tiny_llama, tmp_p
     raw = yaml.safe_load(recipe.read_text())
     raw["adapter"] = {"init_from": str(sft)}
     recipe.write_text(yaml.safe_dump(raw))
-    train(load_recipe(recipe))
+    summary = train(load_recipe(recipe))
+    start, _ = _eval_json(tmp_path, str(recipe), "--adapter", str(sft))
+    assert all(abs(start[name] - summary[f"start_eval_{name}"]) <= 1e-6 for name in FIGURES), (start, summary)
     ours = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
 
     model = PeftModel.from_pretrained(load_fp32(tiny_llama).train(), sft, is_trainable=True)
