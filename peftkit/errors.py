@@ -29,6 +29,12 @@ class PeftkitWarning(UserWarning):
     as one `warning:` line on stderr, when it happens."""
 
 
+class LocalWarning(PeftkitWarning):
+    """A PeftkitWarning about this machine's own state (its tokenized-data cache, its copy of a hub dataset), not
+    about the recipe or the data: the tokenized-data cache does not keep it with the examples to say again
+    (`peftkit.data.cache.kept_warnings`)."""
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """' Did you mean 'x'?' for the closest choice, or '' when nothing is close."""
     match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)

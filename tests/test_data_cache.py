@@ -388,3 +388,23 @@ def test_a_cache_directory_that_cannot_be_searched_costs_the_cache_not_the_run(t
     finally:
         (cache / "examples").chmod(0o700)
     assert _same(examples, tokenize_rows(tok, rows, DataConfig(train="x"), "x")[0]) and "cached" not in stats
+
+
+def test_a_load_from_the_cache_warns_as_the_load_that_kept_it(tiny_llama, tmp_path, monkeypatch):
+    """A warning said while the examples were read (a local file at split 'validation': every row read) is said again
+    when they come from the cache, where it was said by the first run alone (and under a launch, where another process
+    kept the entry the main process read, by none)."""
+    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path / "cache"))
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_llama)))
+    write_jsonl(tmp_path / "train.jsonl", number_rows(8, seed=3))
+    said = []
+    for _ in range(2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loaded = load_examples(tok, str(tmp_path / "train.jsonl"), "validation",
+                                   DataConfig(train=str(tmp_path / "train.jsonl")))
+        said.append([str(w.message) for w in caught if issubclass(w.category, PeftkitWarning)])
+    assert "cached" in loaded[1] and "warnings" not in loaded[1]
+    assert said[0] == said[1] == [f"Data file {tmp_path / 'train.jsonl'}: split 'validation': a local file is one "
+                                  "split, 'train', so every row is read. Set the split to train, or slice the file as "
+                                  "a hub dataset's split is sliced: 'train[:95%]' and 'train[95%:]'."]

@@ -12,8 +12,8 @@ extension, and the reader each extension gets), the source of `peftkit.data` and
 tokenizers, jinja2 and the readers of other files than .jsonl (datasets, pyarrow, pandas). A change to any of them is
 another key; nothing is invalidated in place.
 
-Each entry is one safetensors file, written atomically, holding the flat arrays of `Examples` and the counts, with
-a sha256 of both and its key: a damaged entry, or one under another key's name, is said and replaced, never read.
+Each entry is one safetensors file, written atomically, holding the flat arrays of `Examples` and the counts (with
+the warnings said while they were made, `kept_warnings`, which a read says again), with a sha256 of both and its key: a damaged entry, or one under another key's name, is said and replaced, never read.
 Where the cache cannot be read (a directory another user made private) or written (a read-only or full
 disk), the run goes on without it. `PEFTKIT_CACHE` names its directory (default: `$XDG_CACHE_HOME/peftkit`,
 else `~/.cache/peftkit`); `PEFTKIT_CACHE=off` turns it off, as `peftkit train --no-cache` does for one run.
@@ -21,18 +21,20 @@ else `~/.cache/peftkit`); `PEFTKIT_CACHE=off` turns it off, as `peftkit train --
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
 import warnings
 from array import array
+from collections.abc import Iterator
 from pathlib import Path
 
 from safetensors import SafetensorError
 
 from peftkit.data.stored import Examples
-from peftkit.errors import PeftkitWarning
+from peftkit.errors import LocalWarning, PeftkitWarning
 from peftkit.recipe import DATA_EXTENSIONS, DataConfig
 
 CACHE_ENV = "PEFTKIT_CACHE"
@@ -82,6 +84,28 @@ def _versions() -> dict[str, str]:
     return found
 
 
+@contextlib.contextmanager
+def kept_warnings() -> Iterator[list[str]]:
+    """The PeftkitWarnings said while a dataset's examples are made (read and tokenized), but those about this
+    machine's state (LocalWarning: this cache's own): an entry keeps them (its counts' `warnings`) and
+    `ExampleCache.read` says them again, so that a run whose examples come from the cache warns as the run that made
+    them did. (A local file read at split 'validation' warned the first run only; under a launch, the main process
+    read the entry another process had just kept and warned of nothing.)"""
+    said: list[str] = []
+    show = warnings.showwarning
+
+    def keep(message, category, *where, **kwargs) -> None:
+        if issubclass(category, PeftkitWarning) and not issubclass(category, LocalWarning):
+            said.append(str(message))
+        show(message, category, *where, **kwargs)
+
+    warnings.showwarning = keep
+    try:
+        yield said
+    finally:
+        warnings.showwarning = show
+
+
 class ExampleCache:
     """The entry of one dataset's examples: `read` it (None on a miss), or `write` it after tokenizing."""
 
@@ -106,29 +130,35 @@ class ExampleCache:
         self.path = root / "examples" / f"{self.key}.safetensors"
         self.digests, self.source = digests, source
 
-    def read(self) -> tuple[Examples, dict] | None:
+    def read(self, said: list[str] = ()) -> tuple[Examples, dict] | None:
         """The cached examples and counts, the counts with `cached`: the entry's path; None where there are none (or
-        they are damaged: said, then remade)."""
+        they are damaged: said, then remade). The warnings said while they were made are said again (`kept_warnings`),
+        but those in `said` (said already, reading a hub dataset's rows to key its entry)."""
         try:
             if not self.path.is_file():
                 return None
         except OSError as e:  # (is_file raises on EACCES: a cache directory another user made private)
-            warnings.warn(PeftkitWarning(f"could not read the tokenized-data cache at {self.path} ({e}); tokenizing "
-                                         f"again. Set {CACHE_ENV} to a directory of your own, or {CACHE_ENV}=off."),
+            warnings.warn(LocalWarning(f"could not read the tokenized-data cache at {self.path} ({e}); tokenizing "
+                                       f"again. Set {CACHE_ENV} to a directory of your own, or {CACHE_ENV}=off."),
                           stacklevel=2)
             return None
         try:
             examples, stats = _load(self.path, self.key)
         except ValueError as e:  # unreadable, cut short, altered: tokenize again and replace it
-            warnings.warn(PeftkitWarning(f"the cached examples of {self.source} at {self.path} are damaged ({e}); "
-                                         "tokenizing again."), stacklevel=2)
+            warnings.warn(LocalWarning(f"the cached examples of {self.source} at {self.path} are damaged ({e}); "
+                                       "tokenizing again."), stacklevel=2)
             return None
+        for warned in stats.pop("warnings", []):
+            if warned not in said:
+                warnings.warn(PeftkitWarning(warned), stacklevel=2)
         return examples, stats | {"cached": str(self.path)}
 
     def write(self, examples: Examples, stats: dict) -> None:
-        """Keep the examples for the next run; a cache that cannot be written is said, and the run goes on."""
+        """Keep the examples for the next run; a cache that cannot be written is said, and the run goes on. `stats`'
+        `warnings`: those said while they were made (`kept_warnings`), left out where none was."""
         from peftkit.fileio import _as_created
 
+        stats = {key: value for key, value in stats.items() if key != "warnings" or value}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
@@ -142,8 +172,8 @@ class ExampleCache:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
         except (OSError, SafetensorError) as e:
-            warnings.warn(PeftkitWarning(f"could not write the tokenized-data cache at {self.path} ({e}); going on "
-                                         f"without it. Set {CACHE_ENV} to a writable directory, or {CACHE_ENV}=off."),
+            warnings.warn(LocalWarning(f"could not write the tokenized-data cache at {self.path} ({e}); going on "
+                                       f"without it. Set {CACHE_ENV} to a writable directory, or {CACHE_ENV}=off."),
                           stacklevel=2)
             return
         _remove_stale_temporaries(self.path.parent)

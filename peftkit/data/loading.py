@@ -24,7 +24,7 @@ def load_examples(tok, source: str | list, split: str | None, cfg: DataConfig, *
     """The examples of `source` (one path or hub id at `split`, or data.train's list of datasets: `read_rows`) and
     their counts (`tokenize_rows`); `tasks`: read the rows' `task` column. With `cache`, read from the
     tokenized-data cache where they are there (`peftkit.data.cache`), and kept there when not."""
-    from peftkit.data.cache import cache_root
+    from peftkit.data.cache import cache_root, kept_warnings
 
     root = cache_root() if cache else None
     # an entry's format keys it where it is its own (an entry of data.format's keys as it did before formats)
@@ -37,18 +37,19 @@ def load_examples(tok, source: str | list, split: str | None, cfg: DataConfig, *
     entry = cache_entry(root, tok, data_digests(parts, cfg), cfg, tasks, name) if local else None
     if entry is not None and (hit := entry.read()) is not None:
         return hit
-    rows, bad, line_numbers, name = read_rows(source, split, cfg)  # (the same name)
-    if root is not None and not local and (digests := data_digests(parts, cfg)):  # a hub dataset: its rows' digest
-        entry = cache_entry(root, tok, digests, cfg, tasks, name)
-        if entry is not None and (hit := entry.read()) is not None:
-            return hit
-    examples, stats = tokenize_rows(tok, rows, cfg, name, line_numbers, skipped=bad, tasks=tasks)
+    with kept_warnings() as said:
+        rows, bad, line_numbers, name = read_rows(source, split, cfg)  # (the same name)
+        if root is not None and not local and (digests := data_digests(parts, cfg)):  # a hub dataset: its rows' digest
+            entry = cache_entry(root, tok, digests, cfg, tasks, name)
+            if entry is not None and (hit := entry.read(said)) is not None:
+                return hit
+        examples, stats = tokenize_rows(tok, rows, cfg, name, line_numbers, skipped=bad, tasks=tasks)
     if tasks and (mixed := mixed_tasks_error(name, examples.task_ids)):  # a batch would fail mid-training
         raise PeftkitError(mixed)
     stats["bad_rows"] += bad
     stats["examples"] = len(examples)
     if entry is not None and (not local or data_digests(parts, cfg) == entry.digests):  # no file changed meanwhile
-        entry.write(examples, stats)
+        entry.write(examples, stats | {"warnings": said})
     return examples, stats
 
 
@@ -83,14 +84,14 @@ def cache_entry(root, tok, digests: list[tuple], cfg: DataConfig, tasks: bool, s
     import warnings
 
     from peftkit.data.cache import CACHE_ENV, ExampleCache
-    from peftkit.errors import PeftkitWarning
+    from peftkit.errors import LocalWarning
 
     try:
         return ExampleCache(root, tok, digests, cfg, tasks, source, chunk)
     except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a full disk
         space = "space" in str(e) or getattr(e, "errno", None) == 28
         fix = "Free space there (or set TMPDIR to another directory), or" if space else "To skip it,"
-        warnings.warn(PeftkitWarning(f"the tokenized-data cache is not used: saving the tokenizer to "
-                                     f"{tempfile.gettempdir()} to key it failed ({e}). {fix} set {CACHE_ENV}=off."),
+        warnings.warn(LocalWarning(f"the tokenized-data cache is not used: saving the tokenizer to "
+                                   f"{tempfile.gettempdir()} to key it failed ({e}). {fix} set {CACHE_ENV}=off."),
                       stacklevel=3)
         return None

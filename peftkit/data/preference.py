@@ -164,12 +164,15 @@ def load_pairs(tok, source: str | list, split: str | None, cfg: DataConfig,
     is a pair). With `cache`, local files' are read from the tokenized-data cache where they are there
     (`peftkit.data.cache`: keyed by data.format preference too), and kept there when not. `tasks`: read each row's
     `task` as both its answers' (`peftkit.data.examples.build_examples`' `tasks`)."""
+    from peftkit.data.cache import kept_warnings
+
     entry, parts = local_entry(tok, source, split, cfg, cache, tasks)
     # (the cache counts the examples it holds, two a pair)
     if entry is not None and (hit := entry.read()) is not None:
         return Pairs(hit[0]), hit[1] | {"examples": len(hit[0]) // 2}
-    pairs, stats = _tokenized_pairs(tok, source, split, cfg, tasks)
-    keep_entry(entry, parts, cfg, pairs.examples, stats | {"examples": len(pairs.examples)})
+    with kept_warnings() as said:
+        pairs, stats = _tokenized_pairs(tok, source, split, cfg, tasks)
+    keep_entry(entry, parts, cfg, pairs.examples, stats | {"examples": len(pairs.examples), "warnings": said})
     return pairs, stats
 
 

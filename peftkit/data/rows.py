@@ -342,9 +342,9 @@ def _check_commit(source: str, revision: str | None, read: str, commits: Path) -
     if datasets.config.HF_HUB_OFFLINE:
         import warnings
 
-        from peftkit.errors import PeftkitWarning
+        from peftkit.errors import LocalWarning
 
-        warnings.warn(PeftkitWarning(
+        warnings.warn(LocalWarning(  # (another machine's cache may hold another copy)
             f"hub dataset '{source}': offline, `datasets` reads the newest cached copy whatever the revision, and "
             f"revision '{revision}' cannot be resolved; it read commit {read}. Pin that commit to be sure."), stacklevel=3)
 

@@ -124,6 +124,7 @@ def load_unpaired(tok, source: str | list, split: str | None, cfg: DataConfig, c
     example (within runs of `chunk` rows), and their counts, the keys `describe_stats` prints. With `cache`, local
     files' are read from the tokenized-data cache where they are there, and kept there when not, as pairs are
     (`peftkit.data.preference.load_pairs`), under a key of `chunk` too: the mismatched examples depend on it."""
+    from peftkit.data.cache import kept_warnings
     from peftkit.data.preference import keep_entry, local_entry
 
     entry, parts = local_entry(tok, source, split, cfg, cache, tasks, chunk)
@@ -131,14 +132,15 @@ def load_unpaired(tok, source: str | list, split: str | None, cfg: DataConfig, c
         examples, stats = hit
         labels = stats.pop("desirable")  # (the cache counts the examples it holds, two an answer)
         return Unpaired(examples, [label == "1" for label in labels]), stats | {"examples": len(examples) // 2}
-    built, desirable, stats, name, line_numbers = build_unpaired(tok, source, split, cfg, chunk, tasks)
+    with kept_warnings() as said:
+        built, desirable, stats, name, line_numbers = build_unpaired(tok, source, split, cfg, chunk, tasks)
     data, cuts = kept_unpaired(built, desirable, cfg, stats)
     if cfg.truncation == "error" and cuts.first is not None:
         raise PeftkitError(truncation_error(cuts, cfg))
     if not data:
         raise PeftkitError(no_examples_error(stats, cfg, name, 0, line_numbers))
     # (the labels with the counts, one character an answer: the cache's arrays are those of any examples)
-    keep_entry(entry, parts, cfg, data.examples, stats | {"examples": len(data.examples),
+    keep_entry(entry, parts, cfg, data.examples, stats | {"examples": len(data.examples), "warnings": said,
                                                           "desirable": "".join("01"[d] for d in data.desirable)})
     return data, stats
 
