@@ -32,7 +32,8 @@ class PeftkitWarning(UserWarning):
 class LocalWarning(PeftkitWarning):
     """A PeftkitWarning about this machine's own state (its tokenized-data cache, its copy of a hub dataset), not
     about the recipe or the data: the tokenized-data cache does not keep it with the examples to say again
-    (`peftkit.data.cache.kept_warnings`)."""
+    (`peftkit.data.cache.kept_warnings`), and every process of a launch shows it, where the main process alone shows
+    the others, which every process says alike (`peftkit.said_once`)."""
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

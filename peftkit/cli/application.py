@@ -70,14 +70,17 @@ def _every_command(ctx: typer.Context, version: bool = typer.Option(
 
 def _warning_printer(show_other):
     """warnings.showwarning that prints a PeftkitWarning as one `warning:` line on stderr (once: a comparison loads
-    several models), others as Python does."""
+    several models; in a launch of several processes, by the main one, as `peftkit.said_once.shows_warning` says),
+    others as Python does."""
     from rich.text import Text
+
+    from peftkit.said_once import shows_warning
 
     shown: set[str] = set()
 
     def show(message, category, *where) -> None:
         if issubclass(category, PeftkitWarning):
-            if str(message) not in shown:
+            if str(message) not in shown and shows_warning(category):
                 shown.add(str(message))
                 err_console.print(Text.assemble(("warning:", "yellow"), f" {visible(str(message))}"), highlight=False)
         else:

@@ -73,8 +73,6 @@ def _escape_unprintable(error: UnicodeError) -> tuple[str | bytes, int]:
 
 
 def _run_command() -> None:
-    from rich.markup import escape
-
     click_error = _click_exception()
     try:
         code = app(standalone_mode=False)
@@ -83,20 +81,19 @@ def _run_command() -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except PeftkitError as e:
-        # escape(): messages quote user text such as regexes ('[qk]_proj'), which is not rich markup.
-        err_console.print(f"[bold red]error:[/] {escape(visible(str(e)))}", highlight=False, soft_wrap=True)
+        _error(str(e))
         sys.exit(e.exit_code)
     except PermissionError as e:  # a file or directory of the user's that this user may not read or write
         what = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
-        err_console.print(f"[bold red]error:[/] {escape(what)}: permission denied. Check that the user running "
-                          "peftkit may read it (inputs) or write there (outputs), or choose another path.",
-                          highlight=False, soft_wrap=True)
+        said = (f"{what}: permission denied. Check that the user running peftkit may read it (inputs) or write there "
+                "(outputs), or choose another path.")
+        _error(said)
         sys.exit(2)
     except OSError as e:
         if e.errno != errno.EROFS:
             raise
-        err_console.print(f"[bold red]error:[/] {escape(str(e.filename))}: read-only file system. Choose an output "
-                          "on writable storage.", highlight=False, soft_wrap=True)
+        said = f"{e.filename}: read-only file system. Choose an output on writable storage."
+        _error(said)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted")
@@ -106,3 +103,15 @@ def _run_command() -> None:
         sys.exit(e.exit_code)
     except typer.Abort:
         sys.exit(1)
+
+
+def _error(text: str) -> None:
+    """Print `text` as one `error:` line, once for the processes of a launch (`peftkit.said_once.say_error`: a
+    process whose error the main process said exits with its status, quietly)."""
+    from rich.markup import escape
+
+    from peftkit.said_once import say_error
+
+    # escape(): messages quote user text such as regexes ('[qk]_proj'), which is not rich markup.
+    markup = f"[bold red]error:[/] {escape(visible(text))}"
+    say_error(lambda: err_console.print(markup, highlight=False, soft_wrap=True), text)

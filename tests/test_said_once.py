@@ -1,0 +1,100 @@
+"""What the processes of a launch say, said once (peftkit.said_once): under `accelerate launch` and `torchrun`, which
+pass every process's stderr on as it is, as under `peftkit train --num-processes N` (tests/test_distributed.py)."""
+
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_recipe
+
+FAILING_RANK_1 = """import os
+if os.environ.get("RANK") == "1":  # a launched worker: the second process alone stops on a user error in training
+    import peftkit.loss as loss
+    from peftkit.errors import PeftkitError
+
+    def failing(model, batch):
+        raise PeftkitError("process 1 alone met this error")
+
+    loss.trimmed_head = failing
+"""
+"""A sitecustomize.py for the workers of a launch: the process of rank 1, and it alone, raises a user error at its
+first training step (the other one is then in the step's collective)."""
+
+
+def _launch(command: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env,
+                          cwd=Path(__file__).parents[1])
+
+
+def test_accelerate_launch_says_a_warning_and_an_error_of_every_process_once(tiny_llama, number_data, tmp_path):
+    """`accelerate launch` (configs/accelerate/ddp.yaml) of a recipe whose data note (a local file read at split
+    'validation') and error (data.eval missing) every process meets: each said once, where each process said it
+    (two copies of both on the old code), and every process exits with the user error's status, 2."""
+    recipe = make_recipe(tmp_path, tiny_llama, {**number_data, "eval": tmp_path / "missing.jsonl"},
+                         data={"train_split": "validation"})
+    config = Path(__file__).parents[1] / "configs" / "accelerate" / "ddp.yaml"
+    done = _launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "peftkit",
+                    "train", str(recipe)])
+    assert done.returncode != 0, done.stderr
+    said = [line for line in done.stderr.splitlines() if line.startswith(("warning:", "error:"))]
+    assert len(said) == 2, done.stderr
+    assert said[0].startswith(f"warning: Data file {number_data['train']}: split 'validation': a local file"), said
+    assert said[1].startswith(f"error: Data file not found: {tmp_path / 'missing.jsonl'}"), said
+    assert done.stderr.count("exitcode  : 2 (pid") == 2, done.stderr  # the launcher's summary: both processes
+
+
+def test_torchrun_says_a_warning_once_and_an_error_of_one_process_alone(tiny_llama, number_data, tmp_path):
+    """`torchrun --nproc_per_node 2 -m peftkit train` of a recipe whose warmup is the whole run (a warning every process
+    says), its second process alone stopping on a user error in its first step (`FAILING_RANK_1`): the warning is said
+    once (twice on the old code), the main process's lines once, and the error that process 1 alone met is shown."""
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 2, "warmup_steps": 2},
+                         eval={"base_model": False})
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(FAILING_RANK_1)
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = _launch([*torchrun, "-m", "peftkit", "train", str(recipe)], env)
+    assert done.returncode != 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: training.warmup_steps (2) is the whole run"), \
+        done.stderr
+    assert done.stderr.count("error: process 1 alone met this error") == 1, done.stderr
+    assert done.stdout.count("64 training examples") == done.stdout.count("LoRA r=4 on 14 modules") == 1, done.stdout
+
+
+@pytest.fixture
+def launch_store(monkeypatch):
+    """The store of a launch of 2 processes (torch's launcher keeps one; here this process holds it), with the
+    environment a process of the launch has, rank 1's, to be changed by the test."""
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=5), wait_for_workers=False)
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "WORLD_SIZE": "2", "RANK": "1",
+                       "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "0"}.items():
+        monkeypatch.setenv(key, value)
+    return store
+
+
+def test_a_process_leaves_unsaid_only_the_error_the_main_process_said(launch_store, monkeypatch):
+    """Process 1 says its error unless the main process said the very same text: a different one, or none within
+    SAME_ERROR_WAIT_S, is said. The main process says its own and leaves it for the others."""
+    import peftkit.said_once as said_once
+
+    monkeypatch.setattr(said_once, "SAME_ERROR_WAIT_S", 0.2)
+    shown: list[str] = []
+    said_once.say_error(lambda: shown.append("alone"), "the error of process 1 alone")  # the main one said none
+    monkeypatch.setenv("RANK", "0")
+    said_once.say_error(lambda: shown.append("main"), "every process's error")
+    assert launch_store.get("peftkit/error/0") == b"every process's error"
+    monkeypatch.setenv("RANK", "1")
+    said_once.say_error(lambda: shown.append("same"), "every process's error")
+    said_once.say_error(lambda: shown.append("other"), "another error")
+    assert shown == ["alone", "main", "other"]
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # a restarted launch: the first one's error is not its own
+    said_once.say_error(lambda: shown.append("restarted"), "every process's error")
+    assert shown[-1] == "restarted"
