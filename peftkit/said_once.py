@@ -29,7 +29,8 @@ def main_process() -> bool:
 
 def shows_warning(category: type[Warning]) -> bool:
     """Whether this process shows a PeftkitWarning of `category`: the main process shows all; the others, which say
-    what it says, only those about their own machine (a cache, a hub dataset's local copy), which may be theirs alone."""
+    what it says, only those about their own machine (a cache, a hub dataset's local copy), which may be theirs
+    alone."""
     from peftkit.errors import LocalWarning
 
     return main_process() or issubclass(category, LocalWarning)

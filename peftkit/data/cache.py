@@ -13,7 +13,8 @@ tokenizers, jinja2 and the readers of other files than .jsonl (datasets, pyarrow
 another key; nothing is invalidated in place.
 
 Each entry is one safetensors file, written atomically, holding the flat arrays of `Examples` and the counts (with
-the warnings said while they were made, `kept_warnings`, which a read says again), with a sha256 of both and its key: a damaged entry, or one under another key's name, is said and replaced, never read.
+the warnings said while they were made, `kept_warnings`, which a read says again), with a sha256 of both and its
+key: a damaged entry, or one under another key's name, is said and replaced, never read.
 Where the cache cannot be read (a directory another user made private) or written (a read-only or full
 disk), the run goes on without it. `PEFTKIT_CACHE` names its directory (default: `$XDG_CACHE_HOME/peftkit`,
 else `~/.cache/peftkit`); `PEFTKIT_CACHE=off` turns it off, as `peftkit train --no-cache` does for one run.
