@@ -244,8 +244,9 @@ def row_routes(prompts: list[Prompt], column: str, names: list[str], data: str |
     routes: list[str | None] = []
     for i, prompt in enumerate(prompts):
         row = prompt.row or {}
+        where = prompt.where or f"row {i + 1} of {data}"  # (the row's own line: rows skipped before it are not counted)
         if column not in row:
-            raise PeftkitError(f"--route {column}: row {i + 1} of {data} has no {column!r} column (it has: "
+            raise PeftkitError(f"--route {column}: {where} has no {column!r} column (it has: "
                                f"{', '.join(row) or 'none'}).")
         value = row[column]
         if value is None or value in BASE_NAMES:
@@ -253,7 +254,7 @@ def row_routes(prompts: list[Prompt], column: str, names: list[str], data: str |
         elif isinstance(value, str) and value in names:
             routes.append(value)
         else:
-            raise PeftkitError(f"--route {column}: row {i + 1} of {data} names adapter {value!r}, which no --adapter "
+            raise PeftkitError(f"--route {column}: {where} names adapter {value!r}, which no --adapter "
                                f"NAME=DIR gives (given: {', '.join(names)}; empty or 'base' for the base model).")
     return routes
 

@@ -342,8 +342,26 @@ def test_generate_route_mistakes(adapters, routed_data, monkeypatch, capsys):
         monkeypatch, capsys, *args, "--route", "adapter", "--adapter", dirs["a"])
     assert "--route adapter reads a column of each --data row; pass --data FILE" in cli_user_error(
         monkeypatch, capsys, "generate", "--prompt", "hi", "--route", "adapter", *named)
-    assert "row 3 of" in cli_user_error(monkeypatch, capsys, *args, "--route", "adapter", *named)  # names 'c'
-    assert "--route task: row 1 of" in cli_user_error(monkeypatch, capsys, *args, "--route", "task", *named)
+    assert "rows.jsonl:3 names adapter 'c'" in cli_user_error(monkeypatch, capsys, *args, "--route", "adapter", *named)
+    assert "--route task: " in (err := cli_user_error(monkeypatch, capsys, *args, "--route", "task", *named))
+    assert "rows.jsonl:1 has no 'task' column" in err
+
+
+def test_generate_route_names_a_row_by_its_line_past_a_skipped_row(tiny_llama, adapters, routed_data, tmp_path,
+                                                                   monkeypatch, capsys):
+    """A row skipped under data.on_bad_rows: skip is no prompt: the rows after it were named by their prompt's index,
+    one line early (row 2 for the 'c' of line 3)."""
+    from tests.conftest import make_recipe
+
+    rows = [json.loads(line) for line in routed_data.read_text().splitlines()]
+    rows[1]["instruction"] = 5  # line 2: bad, skipped
+    write_jsonl(tmp_path / "rows.jsonl", rows)
+    recipe = make_recipe(tmp_path, tiny_llama, {"train": tmp_path / "rows.jsonl", "eval": tmp_path / "rows.jsonl"},
+                         data={"on_bad_rows": "skip"})
+    dirs = adapters["llama"]
+    err = cli_user_error(monkeypatch, capsys, "generate", str(recipe), "--data", str(tmp_path / "rows.jsonl"),
+                         "--route", "adapter", f"--adapter=a={dirs['a']}", f"--adapter=b={dirs['b']}")
+    assert f"--route adapter: {tmp_path / 'rows.jsonl'}:3 names adapter 'c'" in err
 
 
 def test_any_name_eval_accepts_works_dots_and_torch_s_own_words_too(adapters, loaded):

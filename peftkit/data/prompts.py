@@ -39,6 +39,8 @@ class Prompt:
     """The row's `task` (multitask prompt tuning's task id), or `--task`'s: `peftkit.task_ids`."""
     row: dict | None = field(default=None, repr=False)
     """The data row it came from (`peftkit generate --route` reads a column of it)."""
+    where: str | None = field(default=None, repr=False)
+    """That row's place in its data (`FILE:LINE`, `row_location`): a skipped row before it leaves its index behind."""
 
 
 class Prompts(list):
@@ -228,7 +230,7 @@ def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | Non
             if not prompt.ids:
                 raise PeftkitError(f"{where}: its prompt is empty, and this tokenizer adds no BOS token, so there is "
                                    "nothing to generate from. Give the row a prompt (a loss-only eval needs none).")
-            prompt.task_id, prompt.row = row_task(row, where) if tasks else None, row
+            prompt.task_id, prompt.row, prompt.where = row_task(row, where) if tasks else None, row, where
             prompts.append(prompt)
             if cfg.format == "chat" and len(prompts) <= CHAT_PROMPTS_CHECKED:
                 checked = checked or _warn_if_not_as_trained(tok, row, prompt, where)
