@@ -259,6 +259,20 @@ def row_routes(prompts: list[Prompt], column: str, names: list[str], data: str |
     return routes
 
 
+def _in_own_templates(job: GenerateJob, prompts: list[Prompt], routes: list[str | None]) -> list[Prompt]:
+    """Each routed row's prompt as it is built alone with its adapter (or the base): in the chat template that adapter
+    carries (a run's adapter/chat_template.jinja; the base's own for a base row), unless a recipe's data.chat_template
+    sets one for all. `build_prompts` renders every row with the first adapter's tokenizer, so another adapter's rows
+    were asked in a template it never trained on. The rows are read again for each other template, matched by place."""
+    dirs = dict(job.adapters)
+    first = job.source.tokenizer()
+    tok_of = {name: job.source.routed_tokenizer(dirs.get(name)) for name in dict.fromkeys(routes)}
+    own = {id(tok): {p.where: p for p in job.build_prompts(tok)}
+           for tok in {id(t): t for t in tok_of.values() if t is not first}.values()}
+    return [p if tok_of[r] is first else own[id(tok_of[r])][p.where]
+            for p, r in zip(prompts, routes, strict=True)]
+
+
 def run_generate(job: GenerateJob, on_batch=None) -> list[dict]:
     """Generate for every prompt of `job`: [{"prompt", "completion"} (+ "reference", the row's target, for
     --data; + "adapter" with --route)]. The prompts (and their tasks and routes) are built before the model loads,
@@ -267,8 +281,10 @@ def run_generate(job: GenerateJob, on_batch=None) -> list[dict]:
     prompts = job.build_prompts(tok)
     if not prompts:
         raise PeftkitError(f"{job.data} has no usable rows to take prompts from.")
-    prompts = with_tasks(job.source, job.task, prompts, job.data)
     routes = row_routes(prompts, job.route, [n for n, _ in job.adapters], job.data) if job.route else None
+    if routes is not None:
+        prompts = _in_own_templates(job, prompts, routes)
+    prompts = with_tasks(job.source, job.task, prompts, job.data)
     route, routing = None, nullcontext()
     if job.adapters:
         model, named = job.source.load_named(job.adapters)

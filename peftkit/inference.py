@@ -171,6 +171,12 @@ class ModelSource:
     def tokenizer(self):
         """The tokenizer of the model (or of the adapter's base), with the recipe's data.chat_template, else the one
         the adapter carries (a run's adapter/ trained with data.chat_template), else its own."""
+        return self.routed_tokenizer(self.adapter)
+
+    def routed_tokenizer(self, adapter: str | None):
+        """`tokenizer`, with the chat template that adapter `adapter` (None: none, the base's own) would give it:
+        what a row of a mixed batch routed to that adapter (or to the base) is read with, as alone. The base's
+        tokenizer is this source's (its adapter's base: they share it)."""
         from peftkit.adapter_base import base_revision, check_remote_code
         from peftkit.data.chat_templates import adapter_template
         from peftkit.peft_format import CONFIG_NAME, check_adapter_dir, read_peft_config, recorded_base
@@ -193,7 +199,7 @@ class ModelSource:
             cfg = cfg.model_copy(update={"add_tokens": self.added_tokens(self.adapter, cfg)})
         if cfg is None:
             raise PeftkitError("No model to load: pass --model, or --adapter with a recorded base model.")
-        return self.tokenizers.read(cfg, self.chat_template or adapter_template(self.adapter))
+        return self.tokenizers.read(cfg, self.chat_template or adapter_template(adapter))
 
     def loading_tokenizer(self):
         """What loading the model (without adapter) reads of its tokenizer, from `tokenizers`: model.add_tokens' rows,

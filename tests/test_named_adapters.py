@@ -364,6 +364,38 @@ def test_generate_route_names_a_row_by_its_line_past_a_skipped_row(tiny_llama, a
     assert f"--route adapter: {tmp_path / 'rows.jsonl'}:3 names adapter 'c'" in err
 
 
+
+def test_generate_route_asks_each_row_in_its_own_adapter_s_chat_template(tiny_llama, adapters, tmp_path, monkeypatch):
+    """Chat rows of a mixed batch are rendered as each row's adapter alone renders them: a run's adapter carries its
+    data.chat_template (chat_template.jinja), another none (the base tokenizer's own, as a base row's). Every row was
+    rendered in the first adapter's template, so b's rows were asked in ChatML, which b never saw."""
+    from peftkit.cli import main
+    from peftkit.data.chat_templates import ADAPTER_TEMPLATE, CHATML
+    from peftkit.generate import run_generate
+
+    chatml = tmp_path / "a"
+    shutil.copytree(adapters["llama"]["a"], chatml)
+    (chatml / ADAPTER_TEMPLATE).write_text(CHATML)
+    dirs = {"a": str(chatml), "b": adapters["llama"]["b"]}
+    rows = [{"messages": [{"role": "user", "content": f"{i}+{i}?"}, {"role": "assistant", "content": str(2 * i)}],
+             "adapter": name} for i, name in enumerate(["a", "b", "base", "b", "a"])]
+    write_jsonl(tmp_path / "chat.jsonl", rows)
+    out = tmp_path / "out.json"
+    monkeypatch.setattr("sys.argv", ["peftkit", "generate", "--model", str(tiny_llama), "--data",
+                                     str(tmp_path / "chat.jsonl"), "--format", "chat", "--route", "adapter",
+                                     *[f"--adapter={n}={d}" for n, d in dirs.items()], "--max-new-tokens", "4",
+                                     "--json", str(out)])
+    main()
+    mixed = json.loads(out.read_text())
+    assert mixed[0]["prompt"].startswith("<|im_start|>user") and not mixed[1]["prompt"].startswith("<|im_start|>")
+    for name in ("a", "b", "base"):
+        write_jsonl(tmp_path / f"{name}.jsonl", [r for r in rows if r["adapter"] == name])
+        job = generate_job(None, [], str(tiny_llama), dirs.get(name), [], str(tmp_path / f"{name}.jsonl"), "chat",
+                           False, None, Sampling(max_new_tokens=4), 8)
+        alone = run_generate(job)
+        assert [(r["prompt"], r["completion"]) for r in mixed if r["adapter"] == name] == [
+            (r["prompt"], r["completion"]) for r in alone]
+
 def test_any_name_eval_accepts_works_dots_and_torch_s_own_words_too(adapters, loaded):
     """A layer holds its adapters in a torch ModuleDict, whose keys may not hold a '.' nor be its attributes: `eval
     --adapter v1.2=DIR` (a NAME it takes) and `train=DIR` failed, the second with a KeyError traceback."""
