@@ -22,6 +22,7 @@ from peftkit.methods.layer import AdapterLayer, is_conv1d, is_quantized, linear_
 from peftkit.methods.dora import dora_merge
 from peftkit.methods.target_filters import (ExcludedTargets, LayerTargets, PeftExcludedTargets, PeftLayerTargets,
                                              filters_from_peft, regex_keys)
+from peftkit.methods.factored_weight import aligned_rank
 from peftkit.methods.param_lora import (ParamLora, PeftTargetParameters, TargetParameters, check_parameter_settings,
                                         note_fused_experts, without_holders, wrap_parameters)
 from peftkit.methods.replication import LayerReplication, PeftLayerReplication
@@ -293,9 +294,11 @@ class Lora(Method):
     @classmethod
     def kept_for_backward(cls, cfg: LoraConfig, layer: AdapterLayer) -> tuple[int, int]:
         if isinstance(layer, ParamLora):
-            # The adapted weight, W + s B A, whole (as peft's: its experts' slices are what they compute with) and,
-            # now that the weight takes a gradient, each routed token's input (in_features, for each of its experts)
-            return layer.in_features * layer.routed, layer.param().numel()
+            # Each routed token's input (A's gradient) and its r values (B's), for each of its experts; per layer, the
+            # factors as grouped_mm takes them (contiguous, r padded to 16 bytes). Not W + s B A: it is never made whole
+            # on transformers' own experts paths (`FactoredWeight`; peft's keeps the adapted stack whole).
+            r = aligned_rank(layer.r, layer.param().element_size())
+            return (layer.in_features + r) * layer.routed, layer.experts * (layer.in_features + layer.out_features) * r
         if isinstance(layer, (DoraLinear, DoraEmbedding)):
             # DoRA's gain multiplies the base output and the update, (tokens, out) each, kept for its gradient; per
             # layer, the gain and the norm (measured with `saved_activation_bytes`, tests/test_memory.py)
@@ -308,10 +311,7 @@ class Lora(Method):
     @classmethod
     def forward_scratch(cls, cfg: LoraConfig, layer: AdapterLayer) -> int:
         """DoRA's norm: a block of W + s B A and its square, and the block of W in fp32 (a linear layer's: an NF4
-        weight dequantized whole, in its compute dtype and in fp32); with dropout, the fp32 weight W x_d needs. LoRA on
-        a parameter: the adapted weight's gradient in backward (its update is made in place of W + s B A)."""
-        if isinstance(layer, ParamLora):
-            return layer.param().numel()
+        weight dequantized whole, in its compute dtype and in fp32); with dropout, the fp32 weight W x_d needs."""
         if isinstance(layer, DoraEmbedding):
             return 3 * min(layer.base_layer.weight.numel(), lora_layers.NORM_ROWS * layer.base_layer.weight.shape[1])
         if not isinstance(layer, DoraLinear):

@@ -11,10 +11,11 @@ wrapper around the other, as peft's `ParamWrapper`s nest, so the keys are peft's
 For a 3-D parameter of E experts, each expert gets its own rank-r update: lora_A is (r E, in), lora_B (out, r E),
 and expert e's update is s B_e A_e, with A_e rows e r .. e r + r - 1 of lora_A and B_e the columns e, E + e, ... of
 lora_B (peft's layout). The weight's layout is (E, out, in), or (E, in, out) for a module marked `is_transposed`
-(gpt-oss); a 2-D parameter is (out, in). In each forward the module computes with W + s B A (every expert's, built
-whole, as peft's), through `torch.func.functional_call`, so its own code (a loop over
-experts, or transformers' grouped kernels) runs unchanged: W + s B A is one batched product added to W (`baddbmm`, in
-the weight's dtype, rounded once, as peft's).
+(gpt-oss); a 2-D parameter is (out, in). In each forward the module's own code (a loop over experts, or transformers'
+grouped kernels) runs unchanged, through `torch.func.functional_call`, given W + s B A as W and its factors
+(`peftkit.methods.factored_weight.FactoredWeight`): each expert's product applies its update to the tokens routed to it,
+and no adapted stack is made (peft's builds W + s B A whole, keeps it and computes its gradient). A use of the weight
+the factors do not serve gets W + s B A whole, as peft's (one batched product added to W, in its dtype, rounded once).
 
 As peft: no dropout (the update is not a function of the input), DoRA, lora_bias or aLoRA. A merge adds the update
 to the parameter.
@@ -33,6 +34,7 @@ from torch.func import functional_call
 
 from peftkit.errors import PeftkitError, PeftkitWarning, did_you_mean
 from peftkit.methods.base import PeftConfigBase
+from peftkit.methods.factored_weight import FactoredWeight
 from peftkit.methods.layer import AdapterLayer, refuse_stacked
 from peftkit.section import AdapterSection
 
@@ -95,7 +97,7 @@ class ParamLora(AdapterLayer):
         else:
             raise PeftkitError(f"adapter.target_parameters: '{parameter_name}' is a {weight.dim()}-D parameter; LoRA "
                                "adapts 2-D weights and 3-D expert stacks (as peft).")
-        self.r, self.in_features = r, in_features
+        self.r, self.in_features, self.out_features = r, in_features, out_features
         config = getattr(inner, "config", None)  # (the experts a token is routed to: all, for a 2-D weight)
         self.routed = getattr(config, "num_experts_per_tok", None) or self.experts if self.experts > 1 else 1
         self.scaling = alpha / (math.sqrt(r) if use_rslora else r)
@@ -123,17 +125,18 @@ class ParamLora(AdapterLayer):
         b = b.reshape(b.shape[0], -1, self.experts)  # (out, r, E)
         return torch.einsum("ore,eri->eio" if self.transposed else "ore,eri->eoi", b, a) * self.scaling
 
-    def adapted_weight(self) -> torch.Tensor:
-        """W + s B A in the parameter's dtype, as peft's forward computes it: one (batched) matrix product added to W
-        and rounded once (no full-size fp32 update is made)."""
+    def adapted_weight(self) -> FactoredWeight:
+        """W + s B A in the parameter's layout and dtype, kept as W and its factors (`FactoredWeight`): the experts'
+        products apply each expert's update to its routed tokens; any other use makes it whole as peft's forward does
+        (one batched product added to W, rounded once)."""
         weight = self.param()
         a, b = self.lora_A.weight.to(weight.dtype), self.lora_B.weight.to(weight.dtype)
         if weight.dim() == 2:
-            return torch.addmm(weight, b, a, alpha=self.scaling)
+            return FactoredWeight(weight, b, a, self.scaling)
         a = a.reshape(self.experts, -1, a.shape[-1])  # (E, r, in)
         b = b.reshape(b.shape[0], -1, self.experts).permute(2, 0, 1)  # (E, out, r)
         lhs, rhs = (a.transpose(-2, -1), b.transpose(-2, -1)) if self.transposed else (b, a)
-        return torch.baddbmm(weight, lhs, rhs, alpha=self.scaling)
+        return FactoredWeight(weight, lhs, rhs, self.scaling)
 
     def forward(self, *args, **kwargs):
         if self.merged:
