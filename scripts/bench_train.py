@@ -29,7 +29,9 @@ loading, adapter injection and export fall outside that window. The first `--war
 s/step = (end of last step - end of step `warmup`) / timed steps, tokens/s = non-pad tokens of the timed
 steps / that time. `--floor` adds a third side: the frozen base's forward and backward (to its input embeddings;
 no adapter, no optimizer) on the same batches at the same precision, the least any adapter method can cost;
-peftkit's s/step over it is its overhead. Peak memory: CUDA max_memory_allocated, or peak RSS of the subprocess on CPU
+peftkit's s/step over it is its overhead. On CPU each side also notes its process's CPU time at each step's end: the
+table's `tokens/s by CPU time` row (and the overheads over the floor by it), which other processes' load on a shared
+machine moves less than the wall clock at --threads 1. Peak memory: CUDA max_memory_allocated, or peak RSS of the subprocess on CPU
 (with the RSS after importing both libraries, so the growth can be compared too).
 
 --group-by-length compares two peftkit sides, with data.group_by_length and without, on rows of mixed length (each
@@ -344,28 +346,34 @@ def run_floor(recipe, _workdir: Path | None = None) -> dict:
     model = floor_model(recipe)
     bf16 = autocast_bf16(recipe, model)
     ends: list[float] = []
+    cpu_ends: list[float] = []
     for batch in eval_loader(ordered, recipe.training.batch_size, tok.pad_token_id):  # in order, padded as in training
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             loss, n = token_loss_sum(model, batch)
         (loss / n).backward()
         ends.append(_sync(recipe.model.device))
+        cpu_ends.append(time.process_time())
         if len(ends) == recipe.training.max_steps:
             break
-    return {"step_ends": ends, "losses": [float("nan")]}
+    return {"step_ends": ends, "cpu_ends": cpu_ends, "losses": [float("nan")]}
 
 
 def step_timer(device: str):
     """(a transformers TrainerCallback that notes each optimizer step's end and each logged loss, the step ends'
-    list, the losses' list)."""
+    list, the losses' list). The callback also notes this process's CPU time at each step's end (`cpu_ends`)."""
     from transformers import TrainerCallback
 
     ends: list[float] = []
     losses: list[float] = []
 
     class Timer(TrainerCallback):
+        def __init__(self) -> None:
+            self.cpu_ends: list[float] = []
+
         def on_step_end(self, *_, **__):
             ends.append(_sync(device))
+            self.cpu_ends.append(time.process_time())
 
         def on_log(self, _args, _state, _control, logs=None, **__):
             if logs and "loss" in logs:
@@ -396,7 +404,7 @@ def run_trainer(model, tok, ordered, recipe, workdir: Path, callbacks=(), **extr
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[timer, *callbacks],
                       data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
     trainer.train()
-    return {"step_ends": ends, "losses": losses}
+    return {"step_ends": ends, "cpu_ends": timer.cpu_ends, "losses": losses}
 
 
 def peft_lora_model(recipe):
@@ -502,7 +510,10 @@ def summarize(res: dict, warmup: int) -> dict:
     seconds, timed = ends[-1] - ends[warmup - 1], len(ends) - warmup
     n_tokens = sum(tokens[warmup:len(ends)])
     durations = [b - a for a, b in zip(ends[warmup - 1:], ends[warmup:])]
+    cpu = res.get("cpu_ends")  # (CPU time: what other processes' load on a shared machine moves less, at --threads 1)
+    cpu_seconds = cpu[len(ends) - 1] - cpu[warmup - 1] if cpu and len(cpu) >= len(ends) else float("nan")
     return {"s_step": seconds / timed, "s_step_median": statistics.median(durations), "tok_s": n_tokens / seconds,
+            "tok_s_cpu": n_tokens / cpu_seconds, "s_step_cpu": cpu_seconds / timed,
             "peak": res["peak_mb"], "growth": res["peak_mb"] - res["base_mb"], "loss": res["losses"][-1],
             "loss10": statistics.mean(res["losses"][-10:]), "timed": timed, "saved": res.get("saved_mb", 0.0)}
 
@@ -515,10 +526,14 @@ def report(results: dict[str, list[dict]], args, title: str, cuda: bool) -> None
     s = {side: {k: statistics.median(run[k] for run in rs) for k in rs[0]} for side, rs in runs.items()}
     mem = "peak CUDA alloc MiB" if cuda else "peak RSS MiB"
     rows = [("s/step (mean)", "s_step", "{:.4f}"), ("s/step (median step)", "s_step_median", "{:.4f}"),
-            ("tokens/s", "tok_s", "{:,.0f}"), (mem, "peak", "{:,.0f}")]
+            ("tokens/s", "tok_s", "{:,.0f}")]
+    first, second = list(runs)[:2]  # the two compared sides, in the order spawned (then the floor, if any)
+    by_cpu = all(s[side]["tok_s_cpu"] == s[side]["tok_s_cpu"] for side in s)  # (not NaN: every side noted its CPU time)
+    if by_cpu and not cuda:
+        rows.append(("tokens/s by CPU time", "tok_s_cpu", "{:,.0f}"))
+    rows.append((mem, "peak", "{:,.0f}"))
     if not cuda:
         rows.append(("RSS growth MiB", "growth", "{:,.0f}"))
-    first, second = list(runs)[:2]  # the two compared sides, in the order spawned (then the floor, if any)
     if s[first]["saved"]:
         rows.append(("activations kept MiB", "saved", "{:,.1f}"))
     rows += [("final loss", "loss", "{:.4f}"), ("mean loss last 10", "loss10", "{:.4f}")]
@@ -540,6 +555,11 @@ def report(results: dict[str, list[dict]], args, title: str, cuda: bool) -> None
         print(f"frozen-base floor (forward + backward, no adapter): {f:.4f} s/step, {s['floor']['tok_s']:,.0f} tokens/s; "
               f"over it: {names[first]} {100 * (s[first]['s_step'] / f - 1):+.1f} %, "
               f"{names[second]} {100 * (s[second]['s_step'] / f - 1):+.1f} %")
+        if by_cpu and not cuda:
+            f = s["floor"]["s_step_cpu"]
+            print(f"  by CPU time: floor {f:.4f} s/step; over it: {names[first]} "
+                  f"{100 * (s[first]['s_step_cpu'] / f - 1):+.1f} %, {names[second]} "
+                  f"{100 * (s[second]['s_step_cpu'] / f - 1):+.1f} %")
 
 
 def report_epoch(results: dict[str, list[dict]], warmup: int) -> None:

@@ -33,7 +33,7 @@ def test_bench_train_table_header_names_each_column(capsys):
     bench_train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_train)
     run = {"step_ends": [0.0, 1.0, 2.0], "tokens_per_step": [10, 10, 10], "peak_mb": 100.0, "base_mb": 50.0,
-           "losses": [1.0]}
+           "losses": [1.0], "cpu_ends": [0.0, 0.5, 1.0]}
     bench_train.report({"peftkit": [run], "peft": [run]}, argparse.Namespace(json=None, warmup=1, repeats=1),
                        "title", cuda=False)
     lines = capsys.readouterr().out.splitlines()
@@ -41,6 +41,8 @@ def test_bench_train_table_header_names_each_column(capsys):
     assert header.split() == ["peftkit", "peft+Trainer", "peftkit/peft+Trainer"]
     tokens_row = next(line for line in lines if line.startswith("tokens/s"))
     assert len(tokens_row) == len(header)  # the figures sit under their names
+    # each side's CPU time at its step ends: 20 tokens in 1.0 s of CPU (2.0 s by the wall clock)
+    assert next(line for line in lines if line.startswith("tokens/s by CPU time")).split()[-3:] == ["20", "20", "1.000"]
 
 
 def test_bench_methods_table_keeps_long_method_names_in_their_column(capsys):
