@@ -223,6 +223,20 @@ FOREIGN_KEYS = [
      "here; write it under 'model:' as 'name_or_path'."),  # (was: "it is a key of 'eval:'", eval's base_model a bool)
     ("  lr:", "  sequence_len: 256", "unknown key 'sequence_len' in training: it is data's 'max_length' here; write "
      "it under 'data:' as 'max_length'."),
+    # TRL's preference settings (was: Did you mean 'kto_beta'? / 'log_steps'? / 'early_stopping'? / 'orpo_lambda'?)
+    ("  lr:", "  beta: 0.1", "unknown key 'beta' in training. TRL's `beta` is training's `dpo_beta` here"),
+    ("  lr:", "  loss_type: ipo", "unknown key 'loss_type' in training. TRL's DPO `loss_type` is training's "
+     "`dpo_loss` here (sigmoid, ipo or hinge)"),
+    ("  lr:", "  label_smoothing: 0.1", "unknown key 'label_smoothing' in training. TRL's `label_smoothing` "
+     "(conservative DPO, the robust loss) has no peftkit setting"),
+    ("  lr:", "  rpo_alpha: 1.0", "unknown key 'rpo_alpha' in training. TRL's `rpo_alpha` (an SFT loss on the chosen "
+     "answers added to DPO's) has no peftkit setting"),
+    ("  lr:", "  max_prompt_length: 64", "unknown key 'max_prompt_length' in training. peftkit does not cut a prompt "
+     "apart from its answer: data's `max_length` bounds each prompt with its answer"),
+    ("  lr:", "  ref_model: x", "unknown key 'ref_model' in training. The DPO and KTO reference is the model training "
+     "starts from"),
+    ("  lr:", "  precompute_ref_log_probs: true", "unknown key 'precompute_ref_log_probs' in training. peftkit "
+     "computes the reference's log-probabilities once, before training, always"),
 ]
 
 

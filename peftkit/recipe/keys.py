@@ -150,6 +150,31 @@ _FOREIGN = {
                      "`report_to: [wandb]` turns W&B on.",
 }
 
+# TRL's preference trainers' settings (DPOConfig, CPOConfig, ORPOConfig, KTOConfig) written in training or data,
+# where the closest spelling misled (beta: kto_beta in a DPO recipe; loss_type: log_steps; label_smoothing:
+# early_stopping; rpo_alpha: orpo_lambda); elsewhere they are no TRL setting (KaSA's adapter has a `beta`).
+_TRL = {
+    "beta": " TRL's `beta` is training's `dpo_beta` here (`simpo_beta` for SimPO, `kto_beta` for KTO; ORPOConfig's "
+            "beta, its lambda, is `orpo_lambda`).",
+    "loss_type": " TRL's DPO `loss_type` is training's `dpo_loss` here (sigmoid, ipo or hinge); CPOConfig's "
+                 "`loss_type: simpo` is `objective: simpo`.",
+    "max_prompt_length": " peftkit does not cut a prompt apart from its answer: data's `max_length` bounds each prompt "
+                         "with its answer, and `data.truncation` says what becomes of an answer cut there (a pair "
+                         "whose prompt leaves no answer token is dropped).",
+    "max_completion_length": " peftkit does not cut an answer apart from its prompt: data's `max_length` bounds each "
+                             "prompt with its answer, and `data.truncation` says what becomes of an answer cut there.",
+    "label_smoothing": " TRL's `label_smoothing` (conservative DPO, the robust loss) has no peftkit setting: "
+                       "training.dpo_loss is sigmoid, ipo or hinge.",
+    "rpo_alpha": " TRL's `rpo_alpha` (an SFT loss on the chosen answers added to DPO's) has no peftkit setting; "
+                 "`objective: orpo` trains an SFT loss with a preference term (`orpo_lambda`).",
+    "cpo_alpha": " TRL's `cpo_alpha` (CPO's SFT term) has no peftkit setting: `objective: simpo` is CPOConfig's "
+                 "`loss_type: simpo` with `cpo_alpha: 0`.",
+    "ref_model": " The DPO and KTO reference is the model training starts from, as TRL's for a PEFT model: the base "
+                 "model, or with `adapter.init_from` the base with that adapter (DPO after SFT); no other is set.",
+    "precompute_ref_log_probs": " peftkit computes the reference's log-probabilities once, before training, always "
+                                "(TRL's `precompute_ref_log_probs: true`).",
+}
+
 # transformers' quantization flags written in our `quantization:` section (whose `double_quant` tells it from the
 # others), where the pointer to that section would send the user where they are: the value they are there.
 _IN_QUANTIZATION = {
@@ -192,6 +217,8 @@ def _suggest(key: str, valid: list[str]) -> str:
         return _IN_QUANTIZATION[normal]
     if normal in _FOREIGN:
         return _FOREIGN[normal]
+    if normal in _TRL and {"objective", "max_length"} & set(valid):  # (training's keys, data's)
+        return _TRL[normal]
     for name in (key, normal):
         ours = _SYNONYMS.get(name, ())
         if meant := next((k for k in ((ours,) if isinstance(ours, str) else ours) if k in valid), None):
