@@ -821,3 +821,24 @@ def test_eval_of_an_adapter_not_trained_from_the_recipe_s_init_from_says_so(tiny
     assert (f"The recipe's adapter.init_from {sft}, the reference (the adapter the recipe's runs train from), "
             f"does not fit {other}, so it was not trained from it") in err, err
     assert "evaluate it against the base with --set adapter.init_from=null" in err, err
+
+
+def test_a_text_answer_ending_with_the_eos_text_is_warned_of_as_an_sft_completion_is(tiny_llama, tmp_path):
+    """A pair rendered by hand (`"chosen": "30</s>"`, as ChatML's `...<|im_end|>`): peftkit appends the EOS to each
+    answer as to a completion, so the answer scores two (TRL's DPOTrainer and CPOTrainer append none to it; found on
+    SmolLM2-135M-Instruct, where SimPO's rewards were TRL's less the second <|im_end|>'s log-probability): the data
+    warning `count_examples` gives an SFT completion that ends so names the pair's line and answer (no warning on the
+    old code); an ordinary pair has none."""
+    from peftkit.data.checks import describe_stats
+
+    tok, cfg = _tok(tiny_llama), DataConfig(train="x", format="preference")
+    write_jsonl(tmp_path / "pairs.jsonl", [_sums(1, 2, 3), _sums(3, 4, 2) | {"rejected": f"9{tok.eos_token}"}])
+    pairs, stats = load_pairs(tok, str(tmp_path / "pairs.jsonl"), None, cfg)
+    rejected = pairs[1][1]
+    assert tok.decode([t for t in rejected.labels if t != IGNORE_INDEX]) == "9</s></s>"  # (what is warned of)
+    said = " ".join(describe_stats(stats, cfg))
+    assert (f"1 of 2 rows hold the text of a special token, which the tokenizer encodes as that token, not as text "
+            f"(first: {tmp_path / 'pairs.jsonl'}:2: field 'rejected' ends with '</s>', and peftkit appends an EOS to it "
+            "too (two EOS))") in said, said
+    write_jsonl(tmp_path / "plain.jsonl", [_sums(1, 2, 3), _sums(3, 4, 2)])
+    assert "warning" not in " ".join(describe_stats(load_pairs(tok, str(tmp_path / "plain.jsonl"), None, cfg)[1], cfg))

@@ -247,6 +247,7 @@ def build_pairs(tok, source: str | list, split: str | None, cfg: DataConfig,
                            "conversations (prompt, chosen and rejected as lists of messages)")
     if fmt == "completion":
         check_eos(tok, cfg.format, cfg._format_key, TEXT_FIELDS)
+        _count_doubled_specials(tok, split_rows, stats)
     elif fmt == "chat":  # (conversations: said as this format's, not as data.format chat's)
         check_chat_tokenizer(tok, cfg._format_key, (cfg.format, TEXT_FIELDS))
     own = cfg.model_copy(update={"format": fmt, "columns": {}})
@@ -255,6 +256,22 @@ def build_pairs(tok, source: str | list, split: str | None, cfg: DataConfig,
     doubled.parts = []
     built = list(_built_examples(tok, answers, own, name, doubled, range(len(answers)), tasks))
     return list(zip(built[::2], built[1::2], strict=True)), stats, name, line_numbers
+
+
+def _count_doubled_specials(tok, split_rows: list[tuple[str, list[dict]]], stats: dict) -> None:
+    """Text pairs whose answer ends with the EOS's text (an answer rendered by hand: `...<|im_end|>`), or whose prompt
+    begins with the BOS the tokenizer puts in front too, counted in `stats` as `count_examples` counts such SFT rows
+    (the same warning): each answer is tokenized as a completion, so its EOS is scored twice, the second taught to
+    follow the first (TRL's DPOTrainer and CPOTrainer append no EOS to an answer that ends with it)."""
+    from peftkit.data.checks import special_tokens_in
+
+    for at, pair in split_rows:
+        for key, answer in zip(ANSWERS, pair, strict=True):
+            if found := special_tokens_in(tok, answer, "completion", []):
+                said = found.replace("field 'completion'", f"field '{key}'")  # (the pair's own words)
+                stats["special_text_rows"] += 1
+                stats["special_text_first"] = stats["special_text_first"] or f"{at}: {said}"
+                break
 
 
 def new_stats(rows: int, bad_rows: int) -> dict:
