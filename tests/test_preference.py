@@ -366,7 +366,7 @@ def test_pairs_are_kept_in_the_tokenized_data_cache_under_a_key_of_their_own(tin
     """A second load reads the pairs and counts the first kept (the same examples, the entry named); a run from the
     cache trains the same bits."""
     tok = _tok(tiny_llama)
-    cfg = DataConfig(train="x", format="preference", max_length=64)
+    cfg = DataConfig(train="x", format="preference", max_length=80)
     first, stats = load_pairs(tok, str(pairs_data["train"]), None, cfg)
     again, cached = load_pairs(tok, str(pairs_data["train"]), None, cfg)
     assert "cached" not in stats and "cached" in cached
@@ -842,3 +842,27 @@ def test_a_text_answer_ending_with_the_eos_text_is_warned_of_as_an_sft_completio
             "too (two EOS))") in said, said
     write_jsonl(tmp_path / "plain.jsonl", [_sums(1, 2, 3), _sums(3, 4, 2)])
     assert "warning" not in " ".join(describe_stats(load_pairs(tok, str(tmp_path / "plain.jsonl"), None, cfg)[1], cfg))
+
+
+def test_conversation_pairs_warn_of_a_default_system_prompt_as_sft_conversations_do(tiny_llama, tmp_path):
+    """A chat template that puts a default system prompt in front of a conversation without one (SmolLM2's, 15 tokens
+    more than a short one's) takes room from the answers: conversation pairs get the warning SFT conversations get
+    (none on the old code: build_pairs never counted them), naming the pairs without a system message; a pair with
+    its own, or data.system_prompt, has none."""
+    from peftkit.data.checks import describe_stats
+    from peftkit.tiny import CHAT_TEMPLATE
+
+    tok = _tok(tiny_llama)
+    tok.chat_template = "{% if messages[0]['role'] != 'system' %}<|system|>\nYou are a helpful model.</s>\n{% endif %}" \
+        + CHAT_TEMPLATE
+    user = [{"role": "user", "content": "2+2?"}]
+    write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": user, "chosen": "4", "rejected": "5"},
+                                           {"prompt": [{"role": "system", "content": "."}, *user], "chosen": "4",
+                                            "rejected": "5"}])
+    cfg = DataConfig(train="x", format="preference", max_length=80)
+    said = " ".join(describe_stats(load_pairs(tok, str(tmp_path / "pairs.jsonl"), None, cfg, cache=False)[1], cfg))
+    assert ("warning: the chat template adds a default system prompt of 23 tokens (29% of data.max_length=80) to each "
+            "of the 1 conversations without a system message") in said, said
+    given = cfg.model_copy(update={"system_prompt": "."})
+    said = " ".join(describe_stats(load_pairs(tok, str(tmp_path / "pairs.jsonl"), None, given, cache=False)[1], given))
+    assert "warning" not in said, said

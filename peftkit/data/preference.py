@@ -252,10 +252,24 @@ def build_pairs(tok, source: str | list, split: str | None, cfg: DataConfig,
         check_chat_tokenizer(tok, cfg._format_key, (cfg.format, TEXT_FIELDS))
     own = cfg.model_copy(update={"format": fmt, "columns": {}})
     answers = format_rows([r for _, pair in split_rows for r in pair], own)
+    if fmt == "chat":  # (the default system prompt's warning, as `count_examples` counts conversations)
+        _count_default_system_prompts(tok, answers[::2], stats)
     doubled = Locations(at for at, _ in split_rows for _ in ANSWERS)
     doubled.parts = []
     built = list(_built_examples(tok, answers, own, name, doubled, range(len(answers)), tasks))
     return list(zip(built[::2], built[1::2], strict=True)), stats, name, line_numbers
+
+
+def _count_default_system_prompts(tok, chosen: list[dict], stats: dict) -> None:
+    """Conversation pairs without a system message (`chosen`: each pair's chosen answer's row, data.system_prompt
+    given), and the tokens the chat template's default system prompt adds to each (SmolLM2's 'You are a helpful AI
+    assistant named SmolLM, ...': 20), in `stats` as `count_examples` counts SFT conversations: `describe_stats` warns
+    where they take a quarter of data.max_length."""
+    from peftkit.data.checks import injected_system_tokens
+
+    stats["system_prompt_rows"] = sum(row["messages"][0]["role"] != "system" for row in chosen)
+    if stats["system_prompt_rows"]:
+        stats["system_prompt_tokens"] = injected_system_tokens(tok)
 
 
 def _count_doubled_specials(tok, split_rows: list[tuple[str, list[dict]]], stats: dict) -> None:
