@@ -392,3 +392,24 @@ def test_unpaired_answers_without_an_adapter_are_refused_whatever_the_recipe_s_o
                          "unpaired")
     assert ("KTO's figures compare an adapter with its base (the reference, as KTO training does), and "
             f"{tiny_llama} has no adapter: pass --adapter DIR, or a KTO run's directory.") in " ".join(err.split())
+
+
+def test_unpaired_rows_get_the_data_warnings_of_sft_rows(tiny_llama, tmp_path):
+    """A text answer ending with the EOS's text (scored with a second EOS appended) and conversations under a chat
+    template's default system prompt get the warnings SFT rows (and preference pairs) get, naming the first row (no
+    warning on the old code)."""
+    from peftkit.data.checks import describe_stats
+    from peftkit.tiny import CHAT_TEMPLATE
+
+    tok, cfg = _tok(tiny_llama), DataConfig(train="x", format="unpaired", max_length=80)
+    write_jsonl(tmp_path / "text.jsonl", [{"prompt": "1+1=", "completion": "2", "label": True},
+                                          {"prompt": "1+2=", "completion": f"4{tok.eos_token}", "label": False}])
+    said = " ".join(describe_stats(load_unpaired(tok, str(tmp_path / "text.jsonl"), None, cfg, 2, cache=False)[1], cfg))
+    assert (f"(first: {tmp_path / 'text.jsonl'}:2: field 'completion' ends with '</s>', and peftkit appends an EOS to "
+            "it too (two EOS))") in said, said
+    tok.chat_template = "{% if messages[0]['role'] != 'system' %}<|system|>\nYou are a helpful model.</s>\n{% endif %}" \
+        + CHAT_TEMPLATE
+    write_jsonl(tmp_path / "chat.jsonl", [{"prompt": [{"role": "user", "content": f"1+{n}?"}], "completion": str(n + 1),
+                                           "label": n % 2 == 0} for n in range(2)])
+    said = " ".join(describe_stats(load_unpaired(tok, str(tmp_path / "chat.jsonl"), None, cfg, 2, cache=False)[1], cfg))
+    assert "default system prompt of 23 tokens (29% of data.max_length=80) to each of the 2 conversations" in said, said

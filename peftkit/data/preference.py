@@ -272,15 +272,17 @@ def _count_default_system_prompts(tok, chosen: list[dict], stats: dict) -> None:
         stats["system_prompt_tokens"] = injected_system_tokens(tok)
 
 
-def _count_doubled_specials(tok, split_rows: list[tuple[str, list[dict]]], stats: dict) -> None:
+def _count_doubled_specials(tok, split_rows: list[tuple[str, list[dict]]], stats: dict,
+                            keys: tuple[str, ...] = ANSWERS) -> None:
     """Text pairs whose answer ends with the EOS's text (an answer rendered by hand: `...<|im_end|>`), or whose prompt
     begins with the BOS the tokenizer puts in front too, counted in `stats` as `count_examples` counts such SFT rows
     (the same warning): each answer is tokenized as a completion, so its EOS is scored twice, the second taught to
-    follow the first (TRL's DPOTrainer and CPOTrainer append no EOS to an answer that ends with it)."""
+    follow the first (TRL's DPOTrainer and CPOTrainer append no EOS to an answer that ends with it). `keys`: the
+    answers' fields in the row (KTO's unpaired row: its `completion`)."""
     from peftkit.data.checks import special_tokens_in
 
     for at, pair in split_rows:
-        for key, answer in zip(ANSWERS, pair, strict=True):
+        for key, answer in zip(keys, pair, strict=True):
             if found := special_tokens_in(tok, answer, "completion", []):
                 said = found.replace("field 'completion'", f"field '{key}'")  # (the pair's own words)
                 stats["special_text_rows"] += 1

@@ -28,7 +28,8 @@ from peftkit.data.bad_rows import usable_row
 from peftkit.data.conversations import check_chat_tokenizer
 from peftkit.data.examples import _built_examples, _TargetCuts, check_eos, no_examples_error, truncation_error
 from peftkit.data.formats import TRAIN, TRAIN_KEYS, _row_problem, _with_call_arguments, _without_empty_calls, format_rows
-from peftkit.data.preference import PairCollator, Pairs, _in_row_words, _keep, new_stats
+from peftkit.data.preference import (PairCollator, Pairs, _count_default_system_prompts, _count_doubled_specials,
+                                     _in_row_words, _keep, new_stats)
 from peftkit.data.rows import Locations, row_location
 from peftkit.data.sources import read_rows
 from peftkit.data.stored import Examples
@@ -186,12 +187,15 @@ def build_unpaired(tok, source: str | list, split: str | None, cfg: DataConfig, 
                            "conversations (prompt and completion as lists of messages)")
     if fmt == "completion":
         check_eos(tok, cfg.format, cfg._format_key, TEXT_FIELDS)
+        _count_doubled_specials(tok, [(at, [compose(fmt, p)]) for at, p, _, _ in kept], stats, ("completion",))
     elif fmt == "chat":  # (conversations: said as this format's, not as data.format chat's)
         check_chat_tokenizer(tok, cfg._format_key, (cfg.format, TEXT_FIELDS))
     own = cfg.model_copy(update={"format": fmt, "columns": {}})
     parts = [p for _, p, _, _ in kept]
     both = format_rows([r for part, other, (*_, task) in zip(parts, mismatched(parts, chunk), kept, strict=True)
                         for r in (compose(fmt, part) | task, compose(fmt, other) | task)], own)
+    if fmt == "chat":  # (each row's own conversation, data.system_prompt applied)
+        _count_default_system_prompts(tok, both[::2], stats)
     doubled = Locations(at for at, *_ in kept for _ in range(2))
     doubled.parts = []
     built = list(_built_examples(tok, both, own, name, doubled, range(len(both)), tasks))
