@@ -273,6 +273,44 @@ def _in_own_templates(job: GenerateJob, prompts: list[Prompt], routes: list[str 
             for p, r in zip(prompts, routes, strict=True)]
 
 
+def warn_arrow_templates(source: ModelSource, adapters: list[tuple[str, str]], renders=None) -> None:
+    """Arrow picks the adapters per token inside the model, so a prompt is rendered in one chat template for all: the
+    first --adapter's (the one `source.tokenizer()` reads) unless a recipe's data.chat_template sets one. Where the
+    named adapters carry others (a run's adapter/chat_template.jinja, data.chat_template; none: the base tokenizer's
+    own), those are not used, which was silent: said, naming them and how to choose. `renders(tok)`: the prompts as
+    that tokenizer renders them (generate's rows: alpaca or plain prompts use no template), None: a conversation."""
+    from peftkit.data.chat_templates import ADAPTER_TEMPLATE, adapter_template
+
+    if source.chat_template is not None or len(adapters) < 2:
+        return
+    tok = {name: source.routed_tokenizer(path) for name, path in adapters}
+    first = adapters[0][0]
+    other = [name for name, t in tok.items() if t.chat_template != tok[first].chat_template]
+    if not other or (renders is not None and not _rendered_otherwise(renders, tok[first], [tok[n] for n in other])):
+        return
+    paths = dict(adapters)
+
+    def carried(name: str) -> str:
+        return (f"{Path(paths[name]) / ADAPTER_TEMPLATE}" if adapter_template(paths[name]) is not None
+                else "the base tokenizer's own")
+
+    warnings.warn(f"--arrow routes each token among adapters whose chat templates differ, and every prompt is "
+                  f"rendered in {first}'s, the first --adapter's ({carried(first)}), not in "
+                  + ", ".join(f"{n}'s ({carried(n)})" for n in other) + ". To prompt in another, give a recipe or "
+                  "run directory whose data.chat_template sets it for all (or --set data.chat_template=NAME|FILE "
+                  "with one), or name that adapter first.", PeftkitWarning, stacklevel=2)
+
+
+def _rendered_otherwise(renders, used, others: list) -> bool:
+    """Whether any of the `others` tokenizers renders a prompt of `renders` otherwise than `used` (or cannot: a base
+    without a chat template)."""
+    texts = [p.text for p in renders(used)]
+    try:
+        return any([p.text for p in renders(t)] != texts for t in others)
+    except PeftkitError:
+        return True
+
+
 def run_generate(job: GenerateJob, on_batch=None) -> list[dict]:
     """Generate for every prompt of `job`: [{"prompt", "completion"} (+ "reference", the row's target, for
     --data; + "adapter" with --route)]. The prompts (and their tasks and routes) are built before the model loads,
@@ -282,6 +320,8 @@ def run_generate(job: GenerateJob, on_batch=None) -> list[dict]:
     if not prompts:
         raise PeftkitError(f"{job.data} has no usable rows to take prompts from.")
     routes = row_routes(prompts, job.route, [n for n, _ in job.adapters], job.data) if job.route else None
+    if job.arrow is not None:
+        warn_arrow_templates(job.source, job.adapters, job.build_prompts)
     if routes is not None:
         prompts = _in_own_templates(job, prompts, routes)
     prompts = with_tasks(job.source, job.task, prompts, job.data)

@@ -308,3 +308,43 @@ def test_eval_arrow_refuses_adapters_of_other_ranks_before_evaluating(tiny_llama
                          f"b={dirs[1]}", "--arrow", "--predictions", str(preds))
     assert "Arrow routes adapters of one rank (as peft's)" in err and "a r=4, b r=2" in err
     assert not preds.exists()  # no model's predictions written (the directory made for them is gone)
+
+
+def test_arrow_warns_where_the_adapters_carry_other_chat_templates(tiny_llama, number_data, tmp_path, monkeypatch,
+                                                                  capsys):
+    """Arrow picks adapters per token, so a prompt has one chat template: the first --adapter's. Where another carries
+    its own (a run's adapter/chat_template.jinja), generate --arrow and chat --arrow rendered every prompt in the
+    first's with no word; now a warning names both and how to choose. Prompts that use no template (a plain
+    --prompt), adapters of one template, and a recipe's data.chat_template (one for all) are not warned of."""
+    import builtins
+    import shutil
+    import sys
+
+    from peftkit.cli import main
+    from peftkit.data.chat_templates import ADAPTER_TEMPLATE, CHATML
+    from tests.conftest import make_recipe
+
+    a, b = _adapters(tiny_llama, tmp_path, 2, 0)
+    shutil.copytree(b, tmp_path / "b_chatml")
+    (tmp_path / "b_chatml" / ADAPTER_TEMPLATE).write_text(CHATML)
+    named = ["--adapter", f"a={a}", "--adapter", f"b={tmp_path / 'b_chatml'}", "--arrow"]
+    said = (f"warning: --arrow routes each token among adapters whose chat templates differ, and every prompt is "
+            f"rendered in a's, the first --adapter's (the base tokenizer's own), not in b's "
+            f"({tmp_path / 'b_chatml' / ADAPTER_TEMPLATE}). To prompt in another, give a recipe or run directory whose "
+            "data.chat_template sets it for all (or --set data.chat_template=NAME|FILE with one), or name that "
+            "adapter first.")
+    recipe = make_recipe(tmp_path, tiny_llama, number_data)
+    lines = iter(["hi", "/exit"])
+    monkeypatch.setattr(builtins, "input", lambda _: next(lines))
+    for args, warned in [(["generate", "--model", str(tiny_llama), *named, "--prompt", "hi", "--chat"], True),
+                         (["chat", "--model", str(tiny_llama), *named], True),
+                         (["generate", "--model", str(tiny_llama), *named, "--prompt", "hi"], False),  # no template
+                         (["generate", "--model", str(tiny_llama), *named[:2], "--adapter", f"b={b}", "--arrow",
+                           "--prompt", "hi", "--chat"], False),
+                         (["generate", str(recipe), "--set", "data.format=chat", "--set",
+                           "data.chat_template=chatml", *named, "--prompt", "hi", "--chat"], False)]:
+        monkeypatch.setattr(sys, "argv", ["peftkit", *args, "--max-new-tokens", "1"])
+        main()
+        err = " ".join(capsys.readouterr().err.split())
+        assert (said in err) is warned, (args, err)
+        assert "chat templates differ" in err or not warned

@@ -319,7 +319,7 @@ def chat(
     from peftkit.data.checks import guard_token_ids
     from peftkit.data.prompts import chat_prompt
     from peftkit.decoding import Sampling
-    from peftkit.generate import check_arrow
+    from peftkit.generate import check_arrow, warn_arrow_templates
     from peftkit.inference import model_source
     from peftkit.task_ids import resolve_tasks
 
@@ -336,6 +336,8 @@ def chat(
     source, cfg = model_source(recipe, overrides or [], model_path(model),
                                single or (named[0][1] if named else None), trust_remote_code, "chat")
     tok = source.tokenizer()
+    if settings is not None:
+        warn_arrow_templates(source, named)
     # A recipe's data.system_prompt opened each conversation it trained on, an empty one too: the default of --system
     # ('' for none).
     system = (typed(system) or None) if system is not None else cfg.data.system_prompt if cfg is not None else None
