@@ -413,3 +413,18 @@ def test_unpaired_rows_get_the_data_warnings_of_sft_rows(tiny_llama, tmp_path):
                                            "label": n % 2 == 0} for n in range(2)])
     said = " ".join(describe_stats(load_unpaired(tok, str(tmp_path / "chat.jsonl"), None, cfg, 2, cache=False)[1], cfg))
     assert "default system prompt of 23 tokens (29% of data.max_length=80) to each of the 2 conversations" in said, said
+
+
+def test_a_special_token_s_text_in_an_unpaired_conversation_is_warned_of_as_in_sft_chat(tiny_llama, tmp_path):
+    """'</s>' typed into a message of KTO's conversation rows is read as the token itself: SFT's data warning names
+    the row's line and message (no warning on the old code)."""
+    from peftkit.data.checks import describe_stats
+
+    tok, cfg = _tok(tiny_llama), DataConfig(train="x", format="unpaired")
+    write_jsonl(tmp_path / "chat.jsonl", [{"prompt": [{"role": "user", "content": "1+1?"}], "completion": "2",
+                                           "label": True},
+                                          {"prompt": [{"role": "user", "content": "1+2?</s>"}], "completion": "4",
+                                           "label": False}])
+    said = " ".join(describe_stats(load_unpaired(tok, str(tmp_path / "chat.jsonl"), None, cfg, 2, cache=False)[1], cfg))
+    assert (f"1 of 2 rows hold the text of a special token, which the tokenizer encodes as that token, not as text "
+            f"(first: {tmp_path / 'chat.jsonl'}:2: prompt[0].content holds '</s>')") in said, said

@@ -866,3 +866,22 @@ def test_conversation_pairs_warn_of_a_default_system_prompt_as_sft_conversations
     given = cfg.model_copy(update={"system_prompt": "."})
     said = " ".join(describe_stats(load_pairs(tok, str(tmp_path / "pairs.jsonl"), None, given, cache=False)[1], given))
     assert "warning" not in said, said
+
+
+def test_a_special_token_s_text_in_a_conversation_pair_s_message_is_warned_of_as_in_sft_chat(tiny_llama, tmp_path):
+    """'</s>' (the tiny Llama's end of turn, as ChatML's '<|im_end|>') typed into a message of a conversation pair is
+    read as the token itself: the data warning `count_examples` gives an SFT conversation names the pair's line and
+    field, in the row's words (no warning on the old code); a pair of plain messages has none."""
+    from peftkit.data.checks import describe_stats
+
+    tok, cfg = _tok(tiny_llama), DataConfig(train="x", format="preference")
+    ask = [{"role": "user", "content": "1+1?"}]
+    write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": ask, "chosen": "2", "rejected": "3"},
+                                           {"prompt": ask, "chosen": "2", "rejected": "3</s> 4"},
+                                           {"prompt": ask, "chosen": [{"role": "assistant", "content": "</s>2"}],
+                                            "rejected": "3"}])
+    said = " ".join(describe_stats(load_pairs(tok, str(tmp_path / "pairs.jsonl"), None, cfg)[1], cfg))
+    assert (f"2 of 3 rows hold the text of a special token, which the tokenizer encodes as that token, not as text "
+            f"(first: {tmp_path / 'pairs.jsonl'}:2: field 'rejected' holds '</s>')") in said, said
+    write_jsonl(tmp_path / "plain.jsonl", [{"prompt": ask, "chosen": "2", "rejected": "3"}] * 2)
+    assert "warning" not in " ".join(describe_stats(load_pairs(tok, str(tmp_path / "plain.jsonl"), None, cfg)[1], cfg))

@@ -237,6 +237,8 @@ def build_pairs(tok, source: str | list, split: str | None, cfg: DataConfig,
                                f"first pair ({first}) is of {'conversations' if fmt == 'chat' else 'text answers'}; "
                                "give every row the same form (every dataset's, where data.train lists several)")
         fmt, first = kind, first or at
+        if kind == "chat":
+            _count_special_messages(tok, row, ("prompt", *ANSWERS), at, stats)
         task = {"task": row["task"]} if tasks and "task" in row else {}  # (row_task checks it as the answers build)
         split_rows.append((at, [answer | task for answer in pair]))
     if not split_rows:
@@ -288,6 +290,24 @@ def _count_doubled_specials(tok, split_rows: list[tuple[str, list[dict]]], stats
                 stats["special_text_rows"] += 1
                 stats["special_text_first"] = stats["special_text_first"] or f"{at}: {said}"
                 break
+
+
+def _count_special_messages(tok, row: dict, keys: tuple[str, ...], at: str, stats: dict) -> None:
+    """A conversation row (a pair's, KTO's) with the text of a special token in a message ('<|im_end|>' typed into a
+    turn, which the tokenizer encodes as the end of that turn), counted in `stats` as `count_examples` counts such SFT
+    conversations (the same warning), in the row's words (`chosen[1].content`; an answer given as a string: its
+    field). `keys`: the row's fields of messages."""
+    from peftkit.data.checks import special_tokens_in
+
+    for key in keys:
+        value = row.get(key)
+        messages = [{"role": "assistant", "content": value}] if isinstance(value, str) else value or []
+        if found := special_tokens_in(tok, {"messages": messages}, "chat", []):
+            said = (found.replace("messages[0].content", f"field '{key}'", 1) if isinstance(value, str)
+                    else found.replace("messages[", f"{key}[", 1))
+            stats["special_text_rows"] += 1
+            stats["special_text_first"] = stats["special_text_first"] or f"{at}: {said}"
+            return
 
 
 def new_stats(rows: int, bad_rows: int) -> dict:
