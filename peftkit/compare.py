@@ -140,6 +140,7 @@ def compare_sets(sets: dict[str | None, dict[str, EvalJob]], predictions_dir: Pa
         shared = rows[BASE].source.load_named(list(adapters.items()))
         if arrow is not None:  # ranks, layers, methods: refused before any row is evaluated (or predictions written)
             shared[1].check_arrow(arrow[1], arrow[2], arrow[0])
+            _warn_arrow_templates(rows, arrow[1], [jobs[BASE] for jobs in sets.values()])
     results = {each: {} for each in sets}
     for name, job in rows.items():
         on = {each: _row_job(jobs[name], name, each, predictions_dir) for each, jobs in sets.items()}
@@ -160,10 +161,27 @@ def compare_sets(sets: dict[str | None, dict[str, EvalJob]], predictions_dir: Pa
         settings, tasks, general = arrow
         with shared[1].arrow(tasks, general, settings):
             for each, jobs in sets.items():
-                # the adapters' tokens, not a recipe's model.add_tokens (the shared base has no rows for them)
-                job = jobs[tasks[0]] if base_adds_tokens(jobs[BASE]) else jobs[BASE]
-                results[each][ARROW] = evaluate(_row_job(job, ARROW, each, predictions_dir), shared[0])
+                results[each][ARROW] = evaluate(_row_job(_arrow_job(jobs, tasks), ARROW, each, predictions_dir),
+                                                shared[0])
     return results
+
+
+def _arrow_job(jobs: dict[str, EvalJob], tasks: list[str]) -> EvalJob:
+    """The job whose data the arrow row reads: the base row's, but the first task adapter's where the base row is the
+    recipe's model with model.add_tokens (the adapters' tokens, not the recipe's: the shared base has no rows for
+    them)."""
+    return jobs[tasks[0]] if base_adds_tokens(jobs[BASE]) else jobs[BASE]
+
+
+def _warn_arrow_templates(rows: dict[str, EvalJob], tasks: list[str], bases: list[EvalJob]) -> None:
+    """`peftkit.generate.warn_arrow_templates` for the arrow row, whose conversations (data.format chat: no other
+    format eval routes renders a template) are read in the base row's template, or its first task adapter's.
+    `bases`: each data.eval set's base row."""
+    from peftkit.generate import warn_arrow_templates
+
+    if any(job.data_cfg.format == "chat" for job in bases):
+        adapters = [(name, job.source.adapter) for name, job in rows.items() if job.source.adapter]
+        warn_arrow_templates(_arrow_job(rows, tasks).source, adapters, reorder=False)
 
 
 def base_adds_tokens(job: EvalJob) -> bool:

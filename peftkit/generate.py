@@ -273,20 +273,23 @@ def _in_own_templates(job: GenerateJob, prompts: list[Prompt], routes: list[str 
             for p, r in zip(prompts, routes, strict=True)]
 
 
-def warn_arrow_templates(source: ModelSource, adapters: list[tuple[str, str]], renders=None) -> None:
+def warn_arrow_templates(source: ModelSource, adapters: list[tuple[str, str]], renders=None,
+                         reorder: bool = True) -> None:
     """Arrow picks the adapters per token inside the model, so a prompt is rendered in one chat template for all: the
-    first --adapter's (the one `source.tokenizer()` reads) unless a recipe's data.chat_template sets one. Where the
-    named adapters carry others (a run's adapter/chat_template.jinja, data.chat_template; none: the base tokenizer's
-    own), those are not used, which was silent: said, naming them and how to choose. `renders(tok)`: the prompts as
-    that tokenizer renders them (generate's rows: alpaca or plain prompts use no template), None: a conversation."""
+    one `source.tokenizer()` reads (generate's, chat's: the first --adapter's; eval's arrow row: the base row's, or
+    its first task adapter's) unless a recipe's data.chat_template sets one. Where the named adapters carry others (a run's
+    adapter/chat_template.jinja, data.chat_template; none: the base tokenizer's own), those are not used, which was
+    silent: said, naming them and how to choose. `renders(tok)`: the prompts as that tokenizer renders them
+    (generate's rows: alpaca or plain prompts use no template), None: a conversation. `reorder`: whether naming
+    another adapter first renders in its template (generate, chat: not eval's arrow row)."""
     from peftkit.data.chat_templates import ADAPTER_TEMPLATE, adapter_template
 
     if source.chat_template is not None or len(adapters) < 2:
         return
+    used = source.tokenizer()
     tok = {name: source.routed_tokenizer(path) for name, path in adapters}
-    first = adapters[0][0]
-    other = [name for name, t in tok.items() if t.chat_template != tok[first].chat_template]
-    if not other or (renders is not None and not _rendered_otherwise(renders, tok[first], [tok[n] for n in other])):
+    other = [name for name, t in tok.items() if t.chat_template != used.chat_template]
+    if not other or (renders is not None and not _rendered_otherwise(renders, used, [tok[n] for n in other])):
         return
     paths = dict(adapters)
 
@@ -294,11 +297,14 @@ def warn_arrow_templates(source: ModelSource, adapters: list[tuple[str, str]], r
         return (f"{Path(paths[name]) / ADAPTER_TEMPLATE}" if adapter_template(paths[name]) is not None
                 else "the base tokenizer's own")
 
+    named = next((name for name, path in adapters if path == source.adapter), None)  # None: the base row's
+    in_use = (f"{named}'s" + ", the first --adapter's" * (named == adapters[0][0]) + f" ({carried(named)})" if named
+              else "the base row's (the base tokenizer's own)")
     warnings.warn(f"--arrow routes each token among adapters whose chat templates differ, and every prompt is "
-                  f"rendered in {first}'s, the first --adapter's ({carried(first)}), not in "
-                  + ", ".join(f"{n}'s ({carried(n)})" for n in other) + ". To prompt in another, give a recipe or "
-                  "run directory whose data.chat_template sets it for all (or --set data.chat_template=NAME|FILE "
-                  "with one), or name that adapter first.", PeftkitWarning, stacklevel=2)
+                  f"rendered in {in_use}, not in " + ", ".join(f"{n}'s ({carried(n)})" for n in other)
+                  + ". To prompt in another, give a recipe or run directory whose data.chat_template sets it for all "
+                  "(or --set data.chat_template=NAME|FILE with one)" + ", or name that adapter first" * reorder + ".",
+                  PeftkitWarning, stacklevel=2)
 
 
 def _rendered_otherwise(renders, used, others: list) -> bool:
