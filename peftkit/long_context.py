@@ -17,7 +17,9 @@ is attended by nothing real and cut from the output).
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from functools import partial
 
 import torch
@@ -94,11 +96,14 @@ def shifted_group_attention(fn, module, query, key, value, attention_mask, group
     padded = -(-length // group) * group
     if padded != length:
         mask, query, key, value = _pad(mask, query, key, value, padded)
+    split, per_kv = heads // 2, heads // kv_heads  # LongLoRA shifts heads[heads // 2:]: 5 of SmolLM2's 9
+    if split % per_kv:  # the split falls inside a key/value head's queries (9 heads on 3): give each query its own
+        key, value = (x.repeat_interleave(per_kv, dim=1) for x in (key, value))
+    kv_split = split * key.shape[1] // heads
     outs = []
     for half, shift in ((0, 0), (1, group // 2)):
-        qs = query[:, half * heads // 2:(half + 1) * heads // 2]
-        ks = key[:, half * kv_heads // 2:(half + 1) * kv_heads // 2]
-        vs = value[:, half * kv_heads // 2:(half + 1) * kv_heads // 2]
+        qs = query[:, :split] if half == 0 else query[:, split:]
+        ks, vs = ((x[:, :kv_split] if half == 0 else x[:, kv_split:]) for x in (key, value))
         m = mask
         if shift:
             # The roll puts the sequence's last tokens and its first `shift` in one group: cut them apart, so that
@@ -108,9 +113,22 @@ def shifted_group_attention(fn, module, query, key, value, attention_mask, group
             m = m & ~((pos[:, None] >= shift) & (pos[None, :] < shift))
             qs, ks, vs = (x.roll(-shift, dims=2) for x in (qs, ks, vs))
             m = m.roll((-shift, -shift), dims=(2, 3))
-        out = _grouped(fn, module, qs, ks, vs, m, group, **kwargs)
+        with _kv_groups(module, qs.shape[1] // ks.shape[1]):
+            out = _grouped(fn, module, qs, ks, vs, m, group, **kwargs)
         outs.append(out.roll(shift, dims=1) if shift else out)
     return torch.cat(outs, dim=2)[:, :length]
+
+
+@contextlib.contextmanager
+def _kv_groups(module: nn.Module, groups: int) -> Iterator[None]:
+    """The attention functions repeat each key/value head `module.num_key_value_groups` times: `groups` meanwhile
+    (1 where shifted_group_attention repeated them already)."""
+    own = module.num_key_value_groups
+    module.num_key_value_groups = groups
+    try:
+        yield
+    finally:
+        module.num_key_value_groups = own
 
 
 def _grouped(fn, module, q, k, v, mask: torch.Tensor, group: int, **kwargs) -> torch.Tensor:
@@ -143,18 +161,16 @@ def enable_s2_attention(model: nn.Module, group: int) -> None:
     """Train `model` (a transformers causal LM) with S²-Attn in groups of `group` tokens; eval mode stays plain.
 
     Raises PeftkitError naming model.long_context.s2_attention for a model it cannot shift (no Llama-style attention
-    modules, an odd number of heads or key/value heads, or an attention implementation that is not sdpa/eager)."""
+    modules, one head, or an attention implementation that is not sdpa/eager)."""
     base = model.config._attn_implementation
     modules = _attention_modules(model)
-    config = model.config
-    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     if not modules or base not in ("sdpa", "eager"):
         raise PeftkitError(f"{KEY}: needs a model whose attention goes through transformers' attention interface "
                            f"(Llama, Mistral, Qwen2, ...) with sdpa or eager attention; {type(model).__name__} with "
                            f"{base!r} is not one; set s2_attention: false")
-    if heads % 2 or kv_heads % 2:
-        raise PeftkitError(f"{KEY}: shifts half of the attention heads and half of the key/value heads; this model "
-                           f"has {heads} heads and {kv_heads} key/value heads (both must be even); set s2_attention: false")
+    heads = model.config.num_attention_heads
+    if heads < 2:
+        raise PeftkitError(f"{KEY}: shifts half of the attention heads; this model has {heads}; set s2_attention: false")
     register()
     for module in modules:
         module._peftkit_s2 = (group, base)

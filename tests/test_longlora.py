@@ -26,8 +26,17 @@ def _recipe(tmp_path, tiny_llama, number_data, long_context=None, **sections):
     return path
 
 
-def _model(impl: str = "sdpa"):
-    model, _ = build_tiny_model(hidden_size=32, num_layers=2, seed=0)
+def _model(impl: str = "sdpa", heads: tuple[int, int] | None = None):
+    """The tiny Llama (4 heads on 2 key/value heads), or with `heads` (query, key/value) as SmolLM2's 9 on 3."""
+    if heads is None:
+        model, _ = build_tiny_model(hidden_size=32, num_layers=2, seed=0)
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=36, intermediate_size=64, num_hidden_layers=1, vocab_size=96,
+                                             num_attention_heads=heads[0], num_key_value_heads=heads[1],
+                                             initializer_range=0.1))
     model.set_attn_implementation(impl)
     return model
 
@@ -59,14 +68,16 @@ def _reference_attention(attn, hidden, cos, sin, group: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
-@pytest.mark.parametrize("length,group", [(32, 8), (30, 8), (12, 4), (8, 16)])
-def test_s2_attention_matches_hand_built_mask(impl, length, group):
-    model = _model(impl)
+@pytest.mark.parametrize("length,group,heads", [(32, 8, None), (30, 8, None), (12, 4, None), (8, 16, None),
+                                                (30, 8, (9, 3)), (16, 8, (3, 3)), (16, 8, (6, 2))])
+def test_s2_attention_matches_hand_built_mask(impl, length, group, heads):
+    """Odd head counts too (SmolLM2's 9 on 3 key/value heads, refused before): heads[heads // 2:] shifted."""
+    model = _model(impl, heads)
     enable_s2_attention(model, group)
     model.train()
     model.config._attn_implementation = NAME  # what the pre-hook sets for a training forward
     attn = model.model.layers[0].self_attn
-    hidden = torch.randn(2, length, 32, generator=torch.Generator().manual_seed(0))
+    hidden = torch.randn(2, length, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     cos, sin = model.model.rotary_emb(hidden, torch.arange(length)[None].expand(2, -1))
     with torch.no_grad():
         got, _ = attn(hidden, position_embeddings=(cos, sin), attention_mask=None)
