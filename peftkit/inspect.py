@@ -29,7 +29,7 @@ from peftkit.peft_format import (
     unreadable_safetensors,
     without_adapter_name,
 )
-from peftkit.serving import llama_cpp_verdict, vllm_verdict
+from peftkit.serving import llama_cpp_verdict, rope_caveat, vllm_verdict
 
 # Tensors of an adapter layer beside its low-rank pair (DoRA's magnitudes): counted with their layer, not taken
 # for modules_to_save.
@@ -120,6 +120,8 @@ def inspect_adapter(path: str | Path) -> dict:
     info["tied_rows"] = {_module(copy): _module(kept) for copy, kept in tied_rows.items()}
     info["vllm"], info["llama_cpp"] = _serving_verdicts(method, raw, ranks, targets, saved, base_copies,
                                                         _unservable_as_saved(renamed, residual))
+    if info["rope_scaling"] and info["vllm"]["accepts"]:
+        info["vllm"]["caveats"].insert(0, rope_caveat(info["rope_scaling"]))
     return info
 
 

@@ -72,6 +72,26 @@ def vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
     return {"accepts": not reasons, "reasons": reasons, "caveats": caveats}
 
 
+def rope_caveat(rope: dict) -> str:
+    """What vLLM must be told of the RoPE scaling an adapter trained under (peftkit.json's {type, factor}): vLLM
+    reads the base's config.json alone, so it serves the adapter over the unscaled RoPE (linear: every position
+    rotated otherwise) unless started with the scaling, as its context-extension example does (`--hf-overrides`
+    with `rope_parameters`; its `--rope-scaling` is gone). Its `dynamic` rotary embedding scales every length as
+    transformers does a sequence of max_position_embeddings x factor tokens, where transformers (and peftkit) leave
+    a sequence within max_position_embeddings unscaled and scale a longer one by its own length."""
+    kind, factor = rope["type"], float(rope["factor"])
+    original = ', "original_max_position_embeddings": ORIGINAL' if kind == "yarn" else ""
+    text = (f"RoPE scaling ({kind}, factor {factor:g}, in peftkit.json): vLLM reads the base's config.json only, so "
+            f"it serves the adapter over the unscaled RoPE unless started with --hf-overrides '{{\"rope_parameters\": "
+            f"{{\"rope_type\": \"{kind}\", \"factor\": {factor}, \"rope_theta\": THETA{original}}}}}' "
+            "(THETA the base's rope_theta" + (", ORIGINAL its max_position_embeddings" if original else "")
+            + f") and --max-model-len up to {factor:g} x its max_position_embeddings")
+    if kind == "dynamic":
+        text += ("; even so, vLLM's dynamic scaling scales every sequence as transformers does one of that length, "
+                 "not by each sequence's own length past max_position_embeddings: other numbers than peftkit's")
+    return text
+
+
 def _variants(raw: dict) -> list[str]:
     """vLLM's reasons for the LoRA variants it serves no version of: aLoRA, KaSA and BD-LoRA."""
     reasons = []

@@ -16,12 +16,13 @@ from peftkit.recipe import QuantizationConfig
 from tests.conftest import cli_user_error
 
 
-def _ours(base, cfg, out, quantization=None, quantized_on=None):
+def _ours(base, cfg, out, quantization=None, quantized_on=None, rope_scaling=None):
     """An adapter peftkit exported (fresh init: inspect reads shapes, not values)."""
     model = AutoModelForCausalLM.from_pretrained(base)
     targets = inject_adapters(model, cfg)
     config = peft_config(cfg, targets, str(base), False, model.config.model_type)
-    save_adapter(out, adapter_state_dict(model, cfg.modules_to_save), config, quantization, quantized_on)
+    save_adapter(out, adapter_state_dict(model, cfg.modules_to_save), config, quantization, quantized_on,
+                 rope_scaling=rope_scaling)
     return out
 
 
@@ -218,6 +219,24 @@ def test_prompt_tuning_s_virtual_tokens_and_a_recorded_rope_scaling(tiny_llama, 
     plain = inspect_adapter(_ours(tiny_llama, LoraConfig(r=2, target_modules=["q_proj"]), tmp_path / "lora"))
     assert plain["virtual_tokens"] is None and plain["rope_scaling"] is None
     assert not any(line.startswith("rope scaling") for line in describe(plain))
+    assert not any("RoPE" in c for c in plain["vllm"]["caveats"])
+
+
+@pytest.mark.parametrize("kind", ["linear", "dynamic", "yarn"])
+def test_vllm_is_told_the_rope_scaling_the_adapter_trained_under(tiny_llama, tmp_path, kind):
+    """vLLM reads the base's config.json, never peftkit.json: 'would accept it' alone served a LoRA trained with
+    linear x2 over the unscaled RoPE (found on SmolLM2-135M-Instruct, its positions lowered to 128)."""
+    from peftkit.recipe import RopeScalingConfig
+
+    path = _ours(tiny_llama, LoraConfig(r=2, target_modules=["q_proj"]), tmp_path / "lora",
+                 rope_scaling=RopeScalingConfig(type=kind, factor=2))
+    vllm = inspect_adapter(path)["vllm"]
+    yarn = ', "original_max_position_embeddings": ORIGINAL' if kind == "yarn" else ""
+    assert vllm["accepts"] and vllm["caveats"][0].startswith(
+        f"RoPE scaling ({kind}, factor 2, in peftkit.json): vLLM reads the base's config.json only, so it serves the "
+        f"adapter over the unscaled RoPE unless started with --hf-overrides '{{\"rope_parameters\": {{\"rope_type\": "
+        f"\"{kind}\", \"factor\": 2.0, \"rope_theta\": THETA{yarn}}}}}' (THETA the base's rope_theta")
+    assert ("other numbers than peftkit's" in vllm["caveats"][0]) == (kind == "dynamic")
 
 
 def test_what_llama_cpp_s_converter_makes_of_an_adapter(tiny_llama, tmp_path):
