@@ -4,7 +4,7 @@ Greedy by default (`temperature: 0`); sampling with a temperature (and top-p, to
 Decoding goes through transformers' `generate` with its KV cache, batched with left padding (the attention mask
 then keeps the pads out of attention, and the position ids start at each prompt's first real token); it stops at
 the tokenizer's EOS or the model's own end-of-turn tokens, or at a stop string (--stop), which the text is cut
-before. The test reference is cache-free greedy decoding — one full forward of the whole sequence per new token —
+before. Under dynamic RoPE past the original context it decodes without the cache (`dynamic_past_context`). The test reference is cache-free greedy decoding — one full forward of the whole sequence per new token —
 which `peftkit generate` must match token for token, batched or not.
 """
 
@@ -24,7 +24,7 @@ from peftkit.data.prompts import Prompt
 from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.methods.task_routing import generation_tasks
 from peftkit.methods.virtual import generation_inputs, text_config, virtual_tokens
-from peftkit.rope_scaling import fresh_dynamic_rope, learned_positions
+from peftkit.rope_scaling import dynamic_past_context, fresh_dynamic_rope, learned_positions
 
 
 MIN_TEMPERATURE = 1e-5
@@ -161,11 +161,15 @@ def generate_ids(model: nn.Module, tok, prompts: list[list[int]], sampling: Samp
     device = next(model.parameters()).device
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    config = GenerationConfig(max_new_tokens=sampling.max_new_tokens, do_sample=sampling.temperature > 0,
-                              pad_token_id=pad, eos_token_id=stops, **sampling.options())
     # A prompt-family adapter adds its cache of virtual tokens and the mask with them in front (peftkit.methods.virtual).
     task_ids = torch.tensor(tasks, device=device) if tasks and None not in tasks else None
-    inputs = {"input_ids": ids, "attention_mask": mask} | generation_inputs(model, mask, task_ids)
+    extra = generation_inputs(model, mask, task_ids)
+    inputs = {"input_ids": ids, "attention_mask": mask} | extra
+    # Dynamic RoPE past the original context decodes without a KV cache (a forward of the whole sequence per token,
+    # as evaluation scores it): cached keys were rotated by a shorter sequence's frequencies.
+    cached = bool(extra) or not dynamic_past_context(model, width + sampling.max_new_tokens)
+    config = GenerationConfig(max_new_tokens=sampling.max_new_tokens, do_sample=sampling.temperature > 0,
+                              pad_token_id=pad, eos_token_id=stops, use_cache=cached, **sampling.options())
     decode = decode or (lambda ids: tok.decode(ids, skip_special_tokens=True))
     ends = [_StopAtText(sampling.stop, width, set(stops), decode)] if sampling.stop else None
     # Dynamic RoPE starts from the model's own frequencies, as a fresh model's generate does: transformers keeps those

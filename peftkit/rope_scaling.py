@@ -96,6 +96,15 @@ def fresh_dynamic_rope(model) -> Iterator[None]:
             m.max_seq_len_cached, m.attention_scaling = cached, scaling
 
 
+def dynamic_past_context(model, positions: int) -> bool:
+    """Whether `model` scales its RoPE dynamically and `positions` go past its original context: there transformers
+    rotates each new key by the frequencies of the sequence's length then, so keys a KV cache holds were rotated by
+    others than a forward of the whole sequence uses (SmolLM2-135M-Instruct at 128 positions, dynamic x2: a 200-token
+    prompt's greedy answer left the cache-free one at its 12th token)."""
+    return any("dynamic" in str(getattr(m, "rope_type", "")) and getattr(m, "original_max_seq_len", positions) < positions
+               for m in model.modules())
+
+
 def learned_positions(config) -> int | None:
     """How many positions a model with a learned position table has (GPT-2's n_positions, OPT's): past them its
     lookup fails. None for a RoPE model, which runs past its max_position_embeddings (worse, but it runs)."""
