@@ -4,8 +4,9 @@ Greedy by default (`temperature: 0`); sampling with a temperature (and top-p, to
 Decoding goes through transformers' `generate` with its KV cache, batched with left padding (the attention mask
 then keeps the pads out of attention, and the position ids start at each prompt's first real token); it stops at
 the tokenizer's EOS or the model's own end-of-turn tokens, or at a stop string (--stop), which the text is cut
-before. Under dynamic RoPE past the original context it decodes without the cache (`dynamic_past_context`). The test reference is cache-free greedy decoding — one full forward of the whole sequence per new token —
-which `peftkit generate` must match token for token, batched or not.
+before. Under dynamic RoPE past the original context it decodes without the cache (`dynamic_past_context`). The
+test reference is cache-free greedy decoding — one full forward of the whole sequence per new token — which
+`peftkit generate` must match token for token, batched or not.
 """
 
 from __future__ import annotations
