@@ -699,3 +699,22 @@ def test_a_method_without_a_default_for_the_model_names_its_own_layers(adapter, 
     if adapter["method"] == "ln_tuning":
         assert said[0].endswith("); name the normalisation layers: this model's normalisation layers are named "
                                 "LayerNorm."), said[0]
+
+
+def test_a_text_pair_joined_with_nothing_between_is_warned_of(tmp_path, tiny_bert, tiny_llama):
+    """A decoder's tokenizer (SmolLM2's, the tiny Llama's) joins text and text_pair token to token, no
+    separator and no token_type_ids: the run said nothing, and the model read 'the matA cat'. BERT's [SEP] marks it."""
+    from peftkit.data.checks import describe_stats
+
+    write_jsonl(tmp_path / "t.jsonl", [{"text": "bad", "label": 0}, {"text": "ab", "text_pair": "cd", "label": 1},
+                                       {"text": "good", "text_pair": "fine", "label": 1}])
+    cfg = DataConfig(train=str(tmp_path / "t.jsonl"), format="classification")
+    llama = load_tokenizer(ModelConfig(name_or_path=str(tiny_llama)))
+    examples, stats, _ = load_classification(llama, cfg.train, "train", cfg)
+    assert examples[1].input_ids == llama("abcd", add_special_tokens=False)["input_ids"]  # one text: abcd
+    warning = describe_stats(stats, cfg)[1]
+    assert warning.startswith("warning: the tokenizer joins text and text_pair with nothing between them (no "
+                              "separator token, no token_type_ids), so the model reads each of the 2 rows with a "
+                              f"text_pair as one text and cannot tell where the first ends (first: {cfg.train}:2)")
+    bert = load_tokenizer(ModelConfig(name_or_path=str(tiny_bert)))
+    assert len(describe_stats(load_classification(bert, cfg.train, "train", cfg)[1], cfg)) == 1

@@ -121,7 +121,8 @@ def describe_stats(stats: dict, cfg: DataConfig) -> list[str]:
 
     The first line counts examples, skipped bad rows, truncated and dropped ones; lines starting with
     `warning: ` follow when examples are trained without the end of their target (data.truncation: keep) or
-    when the chat template's default system prompt takes more than SYSTEM_PROMPT_WARN_SHARE of max_length.
+    when the chat template's default system prompt takes more than SYSTEM_PROMPT_WARN_SHARE of max_length, or when the
+    tokenizer joins a classification row's text_pair to its text with nothing between them.
     The lines hold no rich markup (print them with markup=False).
     """
     limit = f"data.max_length={cfg.max_length}"
@@ -182,6 +183,14 @@ def describe_stats(stats: dict, cfg: DataConfig) -> list[str]:
             "warning: the chat template ends an assistant turn with no special token (no EOS or end-of-turn marker "
             "after the answer), so training never teaches the model to stop: generation runs on to its token limit. "
             "Use a tokenizer whose chat template closes each turn with one (its EOS or an end-of-turn token)."
+        )
+    if rows := stats.get("unmarked_pair_rows"):
+        lines.append(
+            f"warning: the tokenizer joins text and text_pair with nothing between them (no separator token, no "
+            f"token_type_ids), so the model reads each of the {rows} rows with a text_pair as one text and cannot tell "
+            f"where the first ends (first: {stats['unmarked_pair_first']}); transformers (a pipeline, peft) joins them "
+            "alike. Put a separator into the rows' text (end it with a newline, or write both texts into `text` with a "
+            "marker between them) and the same at inference."
         )
     injected = stats["system_prompt_tokens"]
     if injected > SYSTEM_PROMPT_WARN_SHARE * cfg.max_length:

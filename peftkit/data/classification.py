@@ -159,6 +159,18 @@ def encode(tok, row: dict, max_length: int) -> tuple[dict, bool]:
     return (tok(row["text"], pair, add_special_tokens=True, truncation=True, max_length=max_length) if cut else full), cut
 
 
+def joins_pair_unmarked(tok, row: dict) -> bool:
+    """Whether `tok` joins `row`'s text and text_pair with nothing between them: no token of its own (BERT's [SEP])
+    and no token_type_ids, so the model reads one text ('...on the matA cat is...': SmolLM2-135M's and the tiny
+    Llama's tokenizers, whose pair template is the two texts' tokens one after the other)."""
+    joined = tok(row["text"], row["text_pair"], add_special_tokens=True)
+    if any(joined.get("token_type_ids") or ()):
+        return False
+    both = [i for text in (row["text"], row["text_pair"]) for i in tok(text, add_special_tokens=False)["input_ids"]]
+    ids = joined["input_ids"]
+    return any(ids[start:start + len(both)] == both for start in range(len(ids) - len(both) + 1))
+
+
 def classification_examples(tok, rows: list[tuple[str, dict]], labels: LabelSet, max_length: int) -> tuple[list[Example], int]:
     """(one Example per row, its `labels` the single class id; rows cut at max_length)."""
     examples, truncated = [], 0
@@ -193,8 +205,12 @@ def load_classification(tok, source: str | list, split: str | None, cfg: DataCon
     usable, skipped, read, source = classification_rows(source, split, cfg)
     labels = labels or LabelSet.from_rows(usable, num_labels, source)
     examples, truncated = classification_examples(tok, usable, labels, cfg.max_length)
+    pairs = [(where, row) for where, row in usable if row.get("text_pair")]
+    unmarked = pairs and joins_pair_unmarked(tok, pairs[0][1])  # (the tokenizer's pair template: one row tells)
     stats = {"bad_rows": skipped + read - len(usable), "too_long": 0, "truncated": truncated, "target_cut": 0,
-             "truncation_dropped": 0, "system_prompt_rows": 0, "system_prompt_tokens": 0, "examples": len(examples)}
+             "truncation_dropped": 0, "system_prompt_rows": 0, "system_prompt_tokens": 0, "examples": len(examples),
+             "unmarked_pair_rows": len(pairs) if unmarked else 0,
+             "unmarked_pair_first": pairs[0][0] if unmarked else None}
     return examples, stats, labels
 
 
