@@ -22,6 +22,19 @@ from peftkit.peft_format import peft_config, save_adapter
 from peftkit.recipe import Recipe
 
 
+def _card_pad_id(cfg: Recipe, model) -> int | None:
+    """A classifier's pad id, for its card's snippet, where the base checkpoint's config.json says another or none:
+    the head reads the last token that is not padding, and peftkit pads with the tokenizer's id (`modeling`'s
+    `_expected_for_new_head`), so the base loaded with its own read padding on padded rows (or refused batches of
+    several rows). None where they agree, or for a causal LM."""
+    from peftkit.modeling import load_config
+
+    if not cfg.classifier:
+        return None
+    pad = model.config.pad_token_id
+    return pad if load_config(cfg.model).pad_token_id != pad else None
+
+
 def export(model, tok, cfg: Recipe, targets: list[str], out: Path, method_trainer: MethodTrainer | None = None,
            labels: LabelSet | None = None, state: dict | None = None, metrics: dict | None = None) -> list[Path]:
     """Write adapter/ and/or merged/ as the recipe asks; returns the exported directories. `method_trainer`
@@ -48,7 +61,8 @@ def export(model, tok, cfg: Recipe, targets: list[str], out: Path, method_traine
             if cfg.model.add_tokens:  # the tokenizer with the new tokens, for peft's and vLLM's users (Trainer's way)
                 tok.save_pretrained(tmp)
             atomic_write_bytes(tmp / CARD_NAME, model_card(cfg, config["peft_type"], metrics or {},
-                                                            list(labels.names) if labels is not None else None).encode())
+                                                            list(labels.names) if labels is not None else None,
+                                                            _card_pad_id(cfg, model)).encode())
             if cfg.data.chat_template is not None:  # the template it was trained with, which its base's tokenizer lacks
                 atomic_write_bytes(tmp / ADAPTER_TEMPLATE, tok.chat_template.encode())
         exported.append(out / "adapter")

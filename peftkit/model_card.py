@@ -33,10 +33,12 @@ PEFT_LOADS_WITH = {"XLORA": (["from peft import PeftConfig"], [
 """peft_types whose peft loading takes more: lines before the imports' end, and the lines that load it."""
 
 
-def model_card(cfg: Recipe, peft_type: str, metrics: dict, labels: list[str] | None = None) -> str:
+def model_card(cfg: Recipe, peft_type: str, metrics: dict, labels: list[str] | None = None,
+               pad_token_id: int | None = None) -> str:
     """The card's text. `metrics`: the run's evaluations as the manifest names them (`base_eval_loss`, `eval_loss`,
     `eval_perplexity`, `eval_<metric>`...), those of the exported adapter. `labels`: a classifier's classes as the
-    run found them (the model's, or read from data.train), in the order of its head's outputs."""
+    run found them (the model's, or read from data.train), in the order of its head's outputs. `pad_token_id`: a
+    classifier's, which the snippet sets, where the base's config.json says another (`export._card_pad_id`)."""
     base = cfg.model.name_or_path
     hub_base = not Path(base).is_dir()
     task = "text-classification" if cfg.classifier else "text-generation"
@@ -49,7 +51,7 @@ def model_card(cfg: Recipe, peft_type: str, metrics: dict, labels: list[str] | N
              f"Trained with peftkit {__version__} on {_data(cfg)}, {_length(cfg)}.{_objective(cfg)}", ""]
     lines += _results(metrics, cfg.classification, list(cfg.data.eval) if isinstance(cfg.data.eval, dict) else [],
                       cfg.adapter.init_from)
-    lines += _usage(cfg, peft_type, base, hub_base, labels)
+    lines += _usage(cfg, peft_type, base, hub_base, labels, pad_token_id)
     sections = {"adapter": _named(cfg.adapter.model_dump(mode="json", exclude_none=True)),
                 "training": cfg.training.model_dump(mode="json", exclude_defaults=True)}
     lines += ["## Training settings", "", "The recipe's adapter keys, and its training keys that differ from peftkit's "
@@ -156,7 +158,8 @@ def _classes(cfg: Recipe, names: list[str] | None) -> tuple[list[str], str]:
         "    label2id={name: i for i, name in enumerate(labels)}")
 
 
-def _usage(cfg: Recipe, peft_type: str, base: str, hub_base: bool, labels: list[str] | None) -> list[str]:
+def _usage(cfg: Recipe, peft_type: str, base: str, hub_base: bool, labels: list[str] | None,
+           pad_token_id: int | None = None) -> list[str]:
     shown = base if hub_base else "PATH/TO/" + Path(base).name
     peftkit = ["```bash", "peftkit generate ADAPTER_DIR --prompt \"...\"    # also: peftkit chat, eval, merge", "```", ""]
     if cfg.classifier:  # a classifier (a reward model) generates nothing: it is scored
@@ -167,6 +170,7 @@ def _usage(cfg: Recipe, peft_type: str, base: str, hub_base: bool, labels: list[
         return ["## Use", "", "This method has no peft equivalent: load it with peftkit.", "", *peftkit]
     auto = "AutoModelForSequenceClassification" if cfg.classifier else "AutoModelForCausalLM"
     classes, labels = _classes(cfg, labels)
+    labels += "" if pad_token_id is None else f", pad_token_id={pad_token_id}"  # (the one peftkit padded with)
     # A hub base at the commit the run loaded (the recipe's revision, resolved at export): main may have moved on.
     revision = f", revision=\"{cfg.model.revision}\"" if hub_base and cfg.model.revision else ""
     template = [] if cfg.data.chat_template is None else [

@@ -718,3 +718,27 @@ def test_a_text_pair_joined_with_nothing_between_is_warned_of(tmp_path, tiny_ber
                               f"text_pair as one text and cannot tell where the first ends (first: {cfg.train}:2)")
     bert = load_tokenizer(ModelConfig(name_or_path=str(tiny_bert)))
     assert len(describe_stats(load_classification(bert, cfg.train, "train", cfg)[1], cfg)) == 1
+
+
+def test_the_card_s_snippet_pads_as_the_run_did_where_the_base_s_config_says_otherwise(tmp_path, tiny_llama, sentiment):
+    """config.json's pad_token_id 3, the tokenizer's 0: peftkit pads with 0, and the card's snippet loaded the base
+    with 3, so its head read padding on a batch's shorter rows (logits off by the head's reading of a pad token)."""
+    base = shutil.copytree(tiny_llama, tmp_path / "tiny-llama")
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps(config | {"pad_token_id": 3}))
+    recipe = load_recipe(classification_recipe(tmp_path, base, sentiment, ADAPTERS["lora"]))
+    torch.manual_seed(0)
+    model = load_model(recipe.model, labels=LABELS).eval()
+    adapter = with_head(recipe.adapter, model)
+    targets = inject_adapters(model, adapter)
+    random_adapters(model)
+    tok = load_tokenizer(recipe.model)
+    export(model, tok, recipe.model_copy(update={"adapter": adapter}), targets, tmp_path / "out", labels=LABELS)
+    out = tmp_path / "out" / "adapter"
+    snippet = (out / "README.md").read_text().split("```python\n")[1].split("```")[0]
+    assert "label2id={name: i for i, name in enumerate(labels)}, pad_token_id=0)" in snippet
+    scope: dict = {}
+    exec(snippet.replace(f"PATH/TO/{base.name}", str(base)).replace("ADAPTER_DIR", str(out)), scope)
+    batch = batch_of(tok, TEXTS)
+    with torch.no_grad():
+        assert (scope["model"].eval()(**batch).logits - model(**batch).logits).abs().max() <= 1e-5
