@@ -202,3 +202,29 @@ def test_a_class_label_column_outside_a_classifier_s_label_is_read_as_its_ids(tm
     assert (f"[0]: column 'label' (data.columns.output) must be a string, got int (id "
             f"{['negative', 'positive'].index(label)} named {label!r} of a ClassLabel; only data.format "
             "classification's label reads a ClassLabel as its names)") in str(err.value)
+
+
+def test_a_class_label_nested_in_a_list_or_a_struct_is_refused_saying_why(tmp_path, tiny_bert):
+    """A multi-label Sequence(ClassLabel) and a struct's ClassLabel field are never read as classes (peftkit reads
+    top-level ClassLabel columns): they were refused as 'got list' / 'got dict' alone, which said not what to do."""
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_bert)))
+    names = ClassLabel(names=["negative", "positive"])
+    multi = Features({"text": Value("string"), "label": datasets.Sequence(names)})
+    multi_label = datasets.Dataset.from_dict({"text": ["a", "b"], "label": [[0, 1], [1]]}, features=multi)
+    multi_label.save_to_disk(tmp_path / "m")
+    nested = Features({"text": Value("string"), "meta": {"label": names}})
+    struct = datasets.Dataset.from_dict({"text": ["a", "b"], "meta": [{"label": 0}, {"label": 1}]}, features=nested)
+    struct.save_to_disk(tmp_path / "s")
+    for path, columns, said in (
+            ("m", {}, "field 'label' must be a string or an integer, got list (one class a row: a list of labels, "
+                      "multi-label classification as datasets' Sequence(ClassLabel), is not supported)"),
+            ("s", {"label": "meta"}, "must be a string or an integer, got dict (a struct: data.columns names a "
+                                     "top-level column; datasets' Dataset.flatten() makes each of its fields one, "
+                                     "named as 'meta.label')")):
+        cfg = DataConfig(train=str(tmp_path / path), format="classification", columns=columns)
+        with pytest.raises(PeftkitError, match=r"\[0\]: .*" + said.replace("(", r"\(").replace(")", r"\)")):
+            load_classification(tok, cfg.train, "train", cfg)
+    flat = tmp_path / "flat"
+    struct.flatten().save_to_disk(flat)  # what the message says: its field a top-level ClassLabel, read as names
+    cfg = DataConfig(train=str(flat), format="classification", columns={"label": "meta.label"})
+    assert load_classification(tok, cfg.train, "train", cfg)[2].names == ("negative", "positive")

@@ -349,11 +349,21 @@ def sharegpt_words(text: str, row: dict) -> str:
             .replace("field 'system'.content", "field 'system'"))
 
 
+_NESTED = {
+    list: (" (one class a row: a list of labels, multi-label classification as datasets' Sequence(ClassLabel), is not "
+           "supported)"),
+    dict: (" (a struct: data.columns names a top-level column; datasets' Dataset.flatten() makes each of its fields "
+           "one, named as 'meta.label')"),
+}
+"""Why a label read as a list or a struct (a `datasets` column nested in one, ClassLabel or not) is no class."""
+
+
 def _label_problem(label: object) -> str | None:
     """A classification label is a class name (string) or a class id (integer >= 0), or a ClassLabel column's id of
     one of its names."""
     if isinstance(label, bool) or not isinstance(label, (str, int)):
-        return f"field 'label' must be a string or an integer, got {type(label).__name__}"
+        got = type(label).__name__
+        return f"field 'label' must be a string or an integer, got {got}" + _NESTED.get(type(label), "")
     if isinstance(label, ClassId):
         return class_label_problem(label)
     if isinstance(label, int) and label < 0:
