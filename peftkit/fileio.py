@@ -41,9 +41,13 @@ def resolved(path: str | os.PathLike, what: str) -> Path:
 
 
 def _short(name: str, limit: int = 200) -> str:
-    """`name`, cut to `limit` bytes (whole characters): the temporary and set-aside names beside a file add ~15 bytes
-    to it, and a name near the filesystem's 255-byte limit would not fit."""
-    return name.encode()[:limit].decode(errors="ignore")
+    """`name`, or where it is over `limit` bytes its first whole characters and `~` and 8 hex digits of its hash, in
+    `limit` bytes: the temporary and set-aside names beside a file add ~15 bytes to it, and a name near the
+    filesystem's 255-byte limit would not fit. (Cut alone, two long names alike in their first `limit` bytes shared
+    their `.NAME.old` and `.NAME.pair`: a roll-back of one would put the other's set-aside copy in its place.)"""
+    if len(data := name.encode()) <= limit:
+        return name
+    return f"{data[:limit - 9].decode(errors='ignore')}~{hashlib.sha256(data).hexdigest()[:8]}"
 
 
 @contextlib.contextmanager

@@ -1309,6 +1309,20 @@ def test_names_near_the_filesystem_s_limit(tmp_path):
         fileio.atomic_write_bytes(tmp_path / ("m" * 256), b"x")
 
 
+def test_long_names_alike_in_their_first_200_bytes_keep_their_own_set_aside_copies(tmp_path):
+    """A kill between a replace's two renames leaves `.A.old`, the only whole copy of A. Names over 200 bytes were cut
+    to their first 200 for it, so a write of B, alike in those, deleted it as its own stale `.B.old`."""
+    a, b = tmp_path / ("m" * 220 + "a"), tmp_path / ("m" * 220 + "b")
+    with fileio.atomic_directory(a) as tmp:
+        (tmp / "f").write_text("a's only copy")
+    os.replace(a, fileio._set_aside_name(a))  # (killed midway through replacing A)
+    for text in ("b1", "b2"):  # (the second write of B replaces the first: it sets B aside)
+        with fileio.atomic_directory(b) as tmp:
+            (tmp / "f").write_text(text)
+    assert (fileio._set_aside_name(a) / "f").read_text() == "a's only copy" and (b / "f").read_text() == "b2"
+    assert len(fileio._set_aside_name(a).name.encode()) <= 205
+
+
 def test_a_tilde_in_a_flag_s_path_is_the_home_directory(tmp_path, monkeypatch, capsys):
     """`--json=~/e.json` reaches peftkit unexpanded (the shell expands `~` only at a word's start): it made a
     directory named `~` in the current one. `~` is the home directory, as in a recipe."""
