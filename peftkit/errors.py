@@ -20,6 +20,14 @@ class Stopped(PeftkitError):
     """A run stopped as asked (SIGINT, SIGTERM), after saving a checkpoint to go on from."""
 
 
+class PeerFailed(PeftkitError):
+    """A process of a launch stopped because another one failed (a collective broke as that process left): that
+    process says its own error, and this one a line (`peftkit.said_once.stopped_by_another`) in place of the broken
+    collective's traceback."""
+
+    exit_code = 1  # a failure, not a user mistake of this process's
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised as Ctrl-C is (`peftkit.cli.run`): what stops a reply at a Ctrl-C (chat) still ends on it."""
 

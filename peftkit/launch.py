@@ -83,6 +83,10 @@ _RANK_PREFIX = re.compile(r"^\[rank\d+\]: ")
 """torch's prefix of the lines of a process's uncaught exception (`[rank1]: Traceback ...`)."""
 
 
+_STOPPED = re.compile(r"^error: process \d+ stopped: process \d+ failed")
+"""A process's line in place of its broken collective's traceback (`peftkit.said_once.stopped_by_another`)."""
+
+
 _ROOT_CAUSE_RANK = re.compile(r"^\s*rank\s*: (\d+)")
 _ROOT_CAUSE_SIGNAL = re.compile(r"^\s*exitcode\s*: -(\d+) \(pid: (\d+)\)")
 """The launcher's failure summary, under its `Root Cause (first observed failure):`: the rank, and the exit code of
@@ -110,9 +114,10 @@ def _relay(stream) -> bool:
     """Copy `stream` to stderr, filtered as `launch` says (a `warning:` or `error:` line that another process said
     already left out); whether a peftkit `error:` line went by. A process's
     `[rankN]:` traceback is held to the end and dropped when another process said its error: it is the collective
-    that broke when that process stopped (`Connection closed by peer`). A process killed by a signal (the
-    out-of-memory killer's SIGKILL) says nothing itself: the launcher's failure summary, otherwise dropped, names it
-    in an error line of its own, in place of the other processes' tracebacks."""
+    that broke when that process stopped (`Connection closed by peer`). A process's line in its place, that another
+    process failed (`_STOPPED`), is left out and does not count: the failed process's traceback is then shown. A
+    process killed by a signal (the out-of-memory killer's SIGKILL) says nothing itself: the launcher's failure
+    summary, otherwise dropped, names it in an error line of its own, in place of the other processes' tracebacks."""
     seen_errors: set[str] = set()
     seen_warnings: set[str] = set()
     held: list[str] = []  # a traceback's first lines: the launcher's own is dropped with all that follows it
@@ -141,7 +146,7 @@ def _relay(stream) -> bool:
                 continue
             seen_warnings.add(line)
         if line.startswith("error:"):
-            if line in seen_errors:
+            if line in seen_errors or _STOPPED.match(line):  # (the broken collective: left out, as its traceback)
                 continue
             seen_errors.add(line)
         sys.stderr.write(line)

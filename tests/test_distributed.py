@@ -491,7 +491,8 @@ def _environ(pid: int) -> list[bytes]:
 def test_a_traceback_of_a_collective_that_another_processs_error_broke_is_left_out(capsys):
     """A run directory in use: the main process stops with its error, and the other one's barrier breaks, with a
     `[rank1]:` traceback that was printed after the error (torch's prefix escaped the filter). Alone (a crash of
-    its own) such a traceback is shown."""
+    its own) such a traceback is shown, and so it is where the process whose collective that crash broke said so in
+    a line (`peftkit.said_once.stopped_by_another`): the line is left out (it hid the crash's traceback)."""
     from peftkit.launch import _relay
 
     error = "error: export.output_dir /r is in use by another peftkit run (process 7 on vm). Wait for it ...\n"
@@ -500,6 +501,10 @@ def test_a_traceback_of_a_collective_that_another_processs_error_broke_is_left_o
     assert _relay(iter([error, *trace]))
     assert capsys.readouterr().err == error
     assert not _relay(iter(trace))
+    assert capsys.readouterr().err == "".join(trace)
+    stopped = ("error: process 0 stopped: process 1 failed, and its error is shown by it (process 0 met "
+               "RuntimeError: Connection closed by peer [127.0.0.1]:62683).\n")
+    assert not _relay(iter([stopped, *trace]))
     assert capsys.readouterr().err == "".join(trace)
 
 

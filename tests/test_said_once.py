@@ -2,8 +2,12 @@
 pass every process's stderr on as it is, as under `peftkit train --num-processes N` (tests/test_distributed.py)."""
 
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -15,14 +19,18 @@ FAILING_RANK_1 = """import os
 if os.environ.get("RANK") == "1":  # a launched worker: the second process alone stops on a user error in training
     import peftkit.loss as loss
     from peftkit.errors import PeftkitError
+    steps, trimmed_head = [], loss.trimmed_head
 
     def failing(model, batch):
-        raise PeftkitError("process 1 alone met this error")
+        steps.append(1)
+        if len(steps) == 2:
+            raise PeftkitError("process 1 alone met this error")
+        return trimmed_head(model, batch)
 
     loss.trimmed_head = failing
 """
-"""A sitecustomize.py for the workers of a launch: the process of rank 1, and it alone, raises a user error at its
-first training step (the other one is then in the step's collective)."""
+"""A sitecustomize.py for the workers of a launch: the process of rank 1, and it alone, raises a user error in
+training, at its second step (the other one is then in the step's collective)."""
 
 
 def _launch(command: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
@@ -49,8 +57,11 @@ def test_accelerate_launch_says_a_warning_and_an_error_of_every_process_once(tin
 
 def test_torchrun_says_a_warning_once_and_an_error_of_one_process_alone(tiny_llama, number_data, tmp_path):
     """`torchrun --nproc_per_node 2 -m peftkit train` of a recipe whose warmup is the whole run (a warning every process
-    says), its second process alone stopping on a user error in its first step (`FAILING_RANK_1`): the warning is said
-    once (twice on the old code), the main process's lines once, and the error that process 1 alone met is shown."""
+    says), its second process alone stopping on a user error in its second step (`FAILING_RANK_1`): the warning is
+    said once (twice on the old code), the main process's lines once, and the error that process 1 alone met is
+    shown, first; the main process, whose collective broke when process 1 left, says so in one line after it and
+    exits with status 1, where it printed the broken collective's traceback (`[rank0]: ... Connection closed by
+    peer`), and the launcher's summary names process 1 as the first failure."""
     recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 2, "warmup_steps": 2},
                          eval={"base_model": False})
     site = tmp_path / "site"
@@ -63,8 +74,16 @@ def test_torchrun_says_a_warning_once_and_an_error_of_one_process_alone(tiny_lla
     warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and warnings[0].startswith("warning: training.warmup_steps (2) is the whole run"), \
         done.stderr
-    assert done.stderr.count("error: process 1 alone met this error") == 1, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and errors[0] == "error: process 1 alone met this error", done.stderr
+    assert errors[1].startswith("error: process 0 stopped: process 1 failed, and its error is shown by it (process 0 "
+                                "met RuntimeError: "), done.stderr
+    assert "[rank0]:" not in done.stderr, done.stderr  # no traceback of the broken collective
+    summary = done.stderr[done.stderr.index("Failures:"):]  # the launcher's: process 0's status, then the root cause
+    assert re.search(r"rank +: 0 .*\n +exitcode +: 1 \(pid.*\n(.*\n)*Root Cause.*\n(.*\n)* +rank +: 1 ", summary), \
+        summary
     assert done.stdout.count("64 training examples") == done.stdout.count("LoRA r=4 on 14 modules") == 1, done.stdout
+    assert "step 1/2" in done.stdout, done.stdout  # (process 1 failed in the middle of training)
 
 
 @pytest.fixture
@@ -98,3 +117,42 @@ def test_a_process_leaves_unsaid_only_the_error_the_main_process_said(launch_sto
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # a restarted launch: the first one's error is not its own
     said_once.say_error(lambda: shown.append("restarted"), "every process's error")
     assert shown[-1] == "restarted"
+
+
+def test_a_process_that_another_s_failure_stopped_says_one_line_once(launch_store, monkeypatch):
+    """The first process to fail leaves its rank; a RuntimeError (a broken collective's) met after it is said as one
+    line that names that process and keeps the error's first words; an error of another kind, or a broken collective
+    with no failure before it (a network fault), is said as it is. The line is said by the main process alone, once
+    the launcher stops it (SIGTERM) or after PEER_ERROR_WAIT_S, and it is left where the failed process, waiting for
+    the main process's error, finds another."""
+    import peftkit.said_once as said_once
+    from peftkit.errors import PeerFailed
+
+    broken = RuntimeError("[/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:6532. This is "
+                          "typically caused by a remote worker crashing. Check the logs of the remote worker.")
+    assert said_once.stopped_by_another(RuntimeError("a fault of its own")) is None  # process 1: the first failure
+    assert launch_store.get("peftkit/failed/0") == b"1"
+    monkeypatch.setenv("RANK", "0")
+    assert said_once.stopped_by_another(ValueError("an error of its own")) is None
+    stopped = said_once.stopped_by_another(broken)
+    assert isinstance(stopped, PeerFailed) and stopped.exit_code == 1
+    assert str(stopped) == ("process 0 stopped: process 1 failed, and its error is shown by it (process 0 met "
+                            "RuntimeError: Connection closed by peer [127.0.0.1]:6532).")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # a restarted launch: no process failed in it yet
+    assert said_once.stopped_by_another(broken) is None
+
+    shown: list[str] = []
+    monkeypatch.setattr(said_once, "PEER_ERROR_WAIT_S", 30.0)
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # (where say_stopped took none, SIGTERM kills no test)
+    try:
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        started = time.monotonic()
+        said_once.say_stopped(lambda: shown.append("main"), str(stopped))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert shown == ["main"] and time.monotonic() - started < 10  # said when stopped, not after 30 s
+    assert launch_store.get("peftkit/error/1") == str(stopped).encode()
+    monkeypatch.setattr(said_once, "PEER_ERROR_WAIT_S", 0.2)
+    monkeypatch.setenv("RANK", "1")
+    said_once.say_stopped(lambda: shown.append("other"), str(stopped))
+    assert shown == ["main"]

@@ -40,12 +40,16 @@ def train(
                 *(["--overwrite"] if overwrite else []), *(["--no-cache"] if no_cache else [])]
         raise typer.Exit(launch(num_processes, argv))
     from peftkit.distributed import close
+    from peftkit.said_once import stopped_by_another
 
     try:
         run_train(cfg, resume=resume, overwrite=overwrite, console=console, cache=not no_cache)
-    except BaseException:
+    except BaseException as e:
+        stopped = stopped_by_another(e)  # (before close: the others' collectives break once this process leaves)
         close(finished=False)  # the others may be in a collective this process left: no waiting for them
-        raise
+        if stopped is None:
+            raise
+        raise stopped from None  # another process failed first: one line here, its error said by it
     close()
 
 

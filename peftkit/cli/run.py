@@ -14,7 +14,7 @@ import sys
 import typer
 
 from peftkit.cli.application import app, err_console
-from peftkit.errors import PeftkitError, Terminated, visible
+from peftkit.errors import PeerFailed, PeftkitError, Terminated, visible
 
 
 def _click_exception() -> type:
@@ -81,7 +81,7 @@ def _run_command() -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except PeftkitError as e:
-        _error(str(e))
+        _error(str(e), stopped=isinstance(e, PeerFailed))
         sys.exit(e.exit_code)
     except PermissionError as e:  # a file or directory of the user's that this user may not read or write
         what = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
@@ -105,13 +105,14 @@ def _run_command() -> None:
         sys.exit(1)
 
 
-def _error(text: str) -> None:
+def _error(text: str, stopped: bool = False) -> None:
     """Print `text` as one `error:` line, once for the processes of a launch (`peftkit.said_once.say_error`: a
-    process whose error the main process said exits with its status, quietly)."""
+    process whose error the main process said exits with its status, quietly; `stopped`, a process that another's
+    failure stopped: `peftkit.said_once.say_stopped`)."""
     from rich.markup import escape
 
-    from peftkit.said_once import say_error
+    from peftkit.said_once import say_error, say_stopped
 
     # escape(): messages quote user text such as regexes ('[qk]_proj'), which is not rich markup.
     markup = f"[bold red]error:[/] {escape(visible(text))}"
-    say_error(lambda: err_console.print(markup, highlight=False, soft_wrap=True), text)
+    (say_stopped if stopped else say_error)(lambda: err_console.print(markup, highlight=False, soft_wrap=True), text)
