@@ -130,10 +130,11 @@ TRL_NAMES = {"loss": "loss", "reward_margin": "rewards/margins", "chosen_reward"
 def test_kto_from_an_sft_adapter_trains_as_trl_s_kto_trainer(tiny_llama, tmp_path):
     """KTO against TRL's KTOTrainer (`_ours_and_trl_s`): four SGD steps over a batch of 3 desirable answers and 1
     undesirable give TRL's losses, rewards, margins and KL estimates (positive from the second step) at every step,
-    and its adapter."""
+    and its adapter; the undesirable answer ends with the EOS's text, which both score once."""
     from safetensors.torch import load_file
 
     rows = [_row(3, 4, True), _row(10, 20, True), _row(1, 1, True), _row(7, 8, False)]
+    rows[3]["completion"] += "</s>"  # (TRL appends no EOS to an answer ending with it, nor does peftkit now)
     ours, theirs, model = _ours_and_trl_s(tiny_llama, tmp_path, rows, steps=4)
     assert theirs[-1]["kl"] > 0.1 and theirs[-1]["loss"] < theirs[0]["loss"] - 1e-3  # the KL term is exercised
     for a, b in zip(ours, theirs, strict=True):
@@ -395,17 +396,23 @@ def test_unpaired_answers_without_an_adapter_are_refused_whatever_the_recipe_s_o
 
 
 def test_unpaired_rows_get_the_data_warnings_of_sft_rows(tiny_llama, tmp_path):
-    """A text answer ending with the EOS's text (scored with a second EOS appended) and conversations under a chat
-    template's default system prompt get the warnings SFT rows (and preference pairs) get, naming the first row (no
-    warning on the old code)."""
+    """A text answer ending with the EOS's text is scored through that one EOS, as TRL's KTOTrainer appends none to
+    it (the old code appended a second, '4</s></s>', its mismatched example too, and warned), one whose EOS is
+    followed by more (`5</s>\n`) gets one appended, as in TRL, and the warning SFT rows (and preference pairs) get;
+    conversations under a chat template's default system prompt get theirs, naming the first row."""
     from peftkit.data.checks import describe_stats
     from peftkit.tiny import CHAT_TEMPLATE
 
     tok, cfg = _tok(tiny_llama), DataConfig(train="x", format="unpaired", max_length=80)
     write_jsonl(tmp_path / "text.jsonl", [{"prompt": "1+1=", "completion": "2", "label": True},
-                                          {"prompt": "1+2=", "completion": f"4{tok.eos_token}", "label": False}])
-    said = " ".join(describe_stats(load_unpaired(tok, str(tmp_path / "text.jsonl"), None, cfg, 2, cache=False)[1], cfg))
-    assert (f"(first: {tmp_path / 'text.jsonl'}:2: field 'completion' ends with '</s>', and peftkit appends an EOS to "
+                                          {"prompt": "1+2=", "completion": f"4{tok.eos_token}", "label": False},
+                                          {"prompt": "2+2=", "completion": f"5{tok.eos_token}\n", "label": False}])
+    data, stats = load_unpaired(tok, str(tmp_path / "text.jsonl"), None, cfg, 3, cache=False)
+    answers = [tok.decode([t for t in e.labels if t != IGNORE_INDEX]) for e in (data[1][0], data[2][1], data[2][0])]
+    assert answers == ["4</s>", "4</s>", "5</s>\n</s>"]  # (row 3's mismatched example: its prompt, row 2's answer)
+    said = " ".join(describe_stats(stats, cfg))
+    assert (f"1 of 3 rows hold the text of a special token, which the tokenizer encodes as that token, not as text "
+            f"(first: {tmp_path / 'text.jsonl'}:3: field 'completion' ends with '</s>', and peftkit appends an EOS to "
             "it too (two EOS))") in said, said
     tok.chat_template = "{% if messages[0]['role'] != 'system' %}<|system|>\nYou are a helpful model.</s>\n{% endif %}" \
         + CHAT_TEMPLATE

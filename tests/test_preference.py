@@ -317,7 +317,8 @@ def test_two_processes_train_the_adapter_of_one_with_twice_the_batch(tiny_llama,
 def test_dpo_from_an_sft_adapter_trains_as_trl_s_dpo_trainer(tiny_llama, tmp_path):
     """DPO on adapter.init_from (an SFT adapter, far from identity) against TRL's DPOTrainer on a PeftModel of the same
     adapter (whose reference is a frozen copy of it, as peftkit's is that adapter as training starts): three SGD
-    steps over the whole batch give TRL's losses (the first log 2: the policy is its reference) and its adapter."""
+    steps over the whole batch give TRL's losses (the first log 2: the policy is its reference) and its adapter; a
+    chosen answer ends with the EOS's text, which both score once."""
     trl = pytest.importorskip("trl")
     from datasets import Dataset
     from peft import PeftModel
@@ -331,6 +332,7 @@ def test_dpo_from_an_sft_adapter_trains_as_trl_s_dpo_trainer(tiny_llama, tmp_pat
                               tmp_path / "sft", seed=2, std=0.3)
     rows = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(-a - b)} for a, b in [(3, 4), (10, 20), (1, 1),
                                                                                                   (7, 8)]]
+    rows[3]["chosen"] += "</s>"  # (an answer ending with the EOS's text: TRL appends none, nor does peftkit now)
     write_jsonl(tmp_path / "pairs.jsonl", rows)
     steps, lr, beta = 3, 0.5, 0.3
     recipe = _dpo_recipe(tmp_path, tiny_llama, {"train": tmp_path / "pairs.jsonl", "eval": tmp_path / "pairs.jsonl"},
@@ -646,7 +648,8 @@ def test_a_setting_of_another_preference_objective_is_refused(tiny_llama, pairs_
 
 def test_simpo_from_an_sft_adapter_trains_as_trl_s_cpo_trainer(tiny_llama, tmp_path):
     """SimPO against TRL's CPOTrainer (loss_type simpo, cpo_alpha 0: SimPO as its docs set it) on a PeftModel of an
-    adapter far from identity: three SGD steps over the whole batch give TRL's losses, rewards and adapter. Its
+    adapter far from identity: three SGD steps over the whole batch give TRL's losses, rewards and adapter (a rejected
+    answer ends with the EOS's text, which both score once). Its
     figures before training are that adapter's (`start_eval_*`), as `peftkit eval RECIPE --adapter SFT` gives them
     (they were the bare base's, `base_eval_*`)."""
     pytest.importorskip("trl")
@@ -663,6 +666,7 @@ def test_simpo_from_an_sft_adapter_trains_as_trl_s_cpo_trainer(tiny_llama, tmp_p
                               tmp_path / "sft", seed=2, std=0.3)
     rows = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(-a - b)}
             for a, b in [(3, 4), (10, 20), (1, 1), (7, 8)]]
+    rows[1]["rejected"] += "</s>"  # (TRL's CPOTrainer appends no EOS to an answer ending with it, nor does peftkit now)
     write_jsonl(tmp_path / "pairs.jsonl", rows)
     steps, lr = 3, 0.2
     recipe = _dpo_recipe(tmp_path, tiny_llama, {"train": tmp_path / "pairs.jsonl", "eval": tmp_path / "pairs.jsonl"},
@@ -823,22 +827,24 @@ def test_eval_of_an_adapter_not_trained_from_the_recipe_s_init_from_says_so(tiny
     assert "evaluate it against the base with --set adapter.init_from=null" in err, err
 
 
-def test_a_text_answer_ending_with_the_eos_text_is_warned_of_as_an_sft_completion_is(tiny_llama, tmp_path):
-    """A pair rendered by hand (`"chosen": "30</s>"`, as ChatML's `...<|im_end|>`): peftkit appends the EOS to each
-    answer as to a completion, so the answer scores two (TRL's DPOTrainer and CPOTrainer append none to it; found on
-    SmolLM2-135M-Instruct, where SimPO's rewards were TRL's less the second <|im_end|>'s log-probability): the data
-    warning `count_examples` gives an SFT completion that ends so names the pair's line and answer (no warning on the
-    old code); an ordinary pair has none."""
+def test_a_text_answer_ending_with_the_eos_text_is_scored_through_one_eos_as_in_trl(tiny_llama, tmp_path):
+    """A pair rendered by hand (`"rejected": "9</s>"`, as ChatML's `...<|im_end|>`) is scored through one EOS: TRL's
+    preference trainers append none to an answer ending with it, where peftkit appended a second (found on
+    SmolLM2-135M-Instruct, where SimPO's rewards were TRL's less the second <|im_end|>'s log-probability; the old code
+    gave '9</s></s>' and a warning of it). An answer whose EOS is followed by more (`11</s>\n`) gets one appended, as
+    in TRL, and the data warning `count_examples` gives an SFT completion that ends so names its pair's line and
+    answer; an ordinary pair has none."""
     from peftkit.data.checks import describe_stats
 
     tok, cfg = _tok(tiny_llama), DataConfig(train="x", format="preference")
-    write_jsonl(tmp_path / "pairs.jsonl", [_sums(1, 2, 3), _sums(3, 4, 2) | {"rejected": f"9{tok.eos_token}"}])
+    write_jsonl(tmp_path / "pairs.jsonl", [_sums(1, 2, 3), _sums(3, 4, 2) | {"rejected": f"9{tok.eos_token}"},
+                                           _sums(5, 6, 1) | {"chosen": f"11{tok.eos_token}\n"}])
     pairs, stats = load_pairs(tok, str(tmp_path / "pairs.jsonl"), None, cfg)
-    rejected = pairs[1][1]
-    assert tok.decode([t for t in rejected.labels if t != IGNORE_INDEX]) == "9</s></s>"  # (what is warned of)
+    answers = [tok.decode([t for t in e.labels if t != IGNORE_INDEX]) for e in (pairs[1][1], pairs[2][0])]
+    assert answers == ["9</s>", "11</s>\n</s>"]
     said = " ".join(describe_stats(stats, cfg))
-    assert (f"1 of 2 rows hold the text of a special token, which the tokenizer encodes as that token, not as text "
-            f"(first: {tmp_path / 'pairs.jsonl'}:2: field 'rejected' ends with '</s>', and peftkit appends an EOS to it "
+    assert (f"1 of 3 rows hold the text of a special token, which the tokenizer encodes as that token, not as text "
+            f"(first: {tmp_path / 'pairs.jsonl'}:3: field 'chosen' ends with '</s>', and peftkit appends an EOS to it "
             "too (two EOS))") in said, said
     write_jsonl(tmp_path / "plain.jsonl", [_sums(1, 2, 3), _sums(3, 4, 2)])
     assert "warning" not in " ".join(describe_stats(load_pairs(tok, str(tmp_path / "plain.jsonl"), None, cfg)[1], cfg))

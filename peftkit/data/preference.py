@@ -3,7 +3,8 @@
 
 A row is one of (TRL's standard and conversational forms):
 - text: `prompt`, `chosen`, `rejected` strings. Each answer is tokenized as data.format completion tokenizes
-  `{prompt, completion}`: the prompt, then the answer and EOS, the loss on the answer.
+  `{prompt, completion}`: the prompt, then the answer and EOS, the loss on the answer; an answer that ends with the
+  EOS's text gets none more, as in TRL's trainers (`one_eos`).
 - a conversation: `prompt` a list of messages, `chosen` and `rejected` lists of messages (or strings: one assistant
   message each). Each answer is the prompt's conversation continued, rendered by the chat template as data.format
   chat renders it; the loss is on the answer's assistant turns only (the prompt's own assistant turns are context).
@@ -249,6 +250,7 @@ def build_pairs(tok, source: str | list, split: str | None, cfg: DataConfig,
                            "conversations (prompt, chosen and rejected as lists of messages)")
     if fmt == "completion":
         check_eos(tok, cfg.format, cfg._format_key, TEXT_FIELDS)
+        split_rows = [(at, [one_eos(tok, answer) for answer in pair]) for at, pair in split_rows]
         _count_doubled_specials(tok, split_rows, stats)
     elif fmt == "chat":  # (conversations: said as this format's, not as data.format chat's)
         check_chat_tokenizer(tok, cfg._format_key, (cfg.format, TEXT_FIELDS))
@@ -274,12 +276,21 @@ def _count_default_system_prompts(tok, chosen: list[dict], stats: dict) -> None:
         stats["system_prompt_tokens"] = injected_system_tokens(tok)
 
 
+def one_eos(tok, row: dict) -> dict:
+    """A text answer's row (`{prompt, completion}`) without the EOS text its answer ends with, which peftkit appends
+    to every answer: an answer rendered by hand (`"30</s>"`, ChatML's `...<|im_end|>`) is scored through one EOS, as
+    TRL's DPOTrainer, KTOTrainer and RewardTrainer (the text's end) and CPOTrainer and ORPOTrainer (the tokens') append
+    none to it. Only the very end is taken: an answer ending `</s>\n` gets a second, as there (said as two EOS,
+    `_count_doubled_specials`)."""
+    eos, answer = tok.eos_token, row["completion"]
+    return row | {"completion": answer[:-len(eos)]} if eos and answer.endswith(eos) else row
+
+
 def _count_doubled_specials(tok, split_rows: list[tuple[str, list[dict]]], stats: dict,
                             keys: tuple[str, ...] = ANSWERS) -> None:
-    """Text pairs whose answer ends with the EOS's text (an answer rendered by hand: `...<|im_end|>`), or whose prompt
-    begins with the BOS the tokenizer puts in front too, counted in `stats` as `count_examples` counts such SFT rows
-    (the same warning): each answer is tokenized as a completion, so its EOS is scored twice, the second taught to
-    follow the first (TRL's DPOTrainer and CPOTrainer append no EOS to an answer that ends with it). `keys`: the
+    """Text pairs whose answer, without the one EOS `one_eos` took off, still ends with the EOS's text (`30</s></s>`,
+    `30</s>\n`: peftkit appends one more, as TRL's trainers do), or whose prompt begins with the BOS the tokenizer
+    puts in front too, counted in `stats` as `count_examples` counts such SFT rows (the same warning). `keys`: the
     answers' fields in the row (KTO's unpaired row: its `completion`)."""
     from peftkit.data.checks import special_tokens_in
 
@@ -349,5 +360,5 @@ def _keep(chosen, rejected, cfg: DataConfig, stats: dict, cuts: _TargetCuts) -> 
     return True
 
 
-__all__ = ["ANSWERS", "PairCollator", "Pairs", "build_pairs", "kept_pairs", "load_pairs", "pair_problem",
+__all__ = ["ANSWERS", "PairCollator", "Pairs", "build_pairs", "kept_pairs", "load_pairs", "one_eos", "pair_problem",
            "split_pair"]

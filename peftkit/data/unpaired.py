@@ -4,7 +4,8 @@ the mismatched example KTO's KL estimate scores beside it -> padded batches.
 
 A row is one of (TRL's standard and conversational forms):
 - text: `prompt`, `completion` strings; the answer is tokenized as data.format completion tokenizes the row (the
-  prompt, then the answer and EOS, the loss on the answer).
+  prompt, then the answer and EOS, the loss on the answer; none more where it ends with the EOS's text, as TRL's
+  KTOTrainer: `peftkit.data.preference.one_eos`).
 - a conversation: `prompt` a list of messages, `completion` a list of messages (or a string: one assistant message);
   rendered by the chat template as data.format chat renders it, the loss on the answer's assistant turns.
 
@@ -29,7 +30,7 @@ from peftkit.data.conversations import check_chat_tokenizer
 from peftkit.data.examples import _built_examples, _TargetCuts, check_eos, no_examples_error, truncation_error
 from peftkit.data.formats import TRAIN, TRAIN_KEYS, _row_problem, _with_call_arguments, _without_empty_calls, format_rows
 from peftkit.data.preference import (PairCollator, Pairs, _count_default_system_prompts, _count_doubled_specials,
-                                     _count_special_messages, _in_row_words, _keep, new_stats)
+                                     _count_special_messages, _in_row_words, _keep, new_stats, one_eos)
 from peftkit.data.rows import Locations, row_location
 from peftkit.data.sources import read_rows
 from peftkit.data.stored import Examples
@@ -74,6 +75,12 @@ def compose(kind: str, parts: tuple) -> dict:
     if kind == "completion":
         return {"prompt": prompt, "completion": answer}
     return _with_call_arguments(_without_empty_calls({"messages": prompt + answer} | extra))
+
+
+def _one_eos(tok, parts: tuple) -> tuple:
+    """A text row's parts without the EOS text its answer ends with (`one_eos`): its mismatched examples take it so."""
+    prompt, answer, extra = parts
+    return prompt, one_eos(tok, {"prompt": prompt, "completion": answer})["completion"], extra
 
 
 def unpaired_problem(row: dict) -> str | None:
@@ -189,6 +196,7 @@ def build_unpaired(tok, source: str | list, split: str | None, cfg: DataConfig, 
                            "conversations (prompt and completion as lists of messages)")
     if fmt == "completion":
         check_eos(tok, cfg.format, cfg._format_key, TEXT_FIELDS)
+        kept = [(at, _one_eos(tok, parts), label, task) for at, parts, label, task in kept]
         _count_doubled_specials(tok, [(at, [compose(fmt, p)]) for at, p, _, _ in kept], stats, ("completion",))
     elif fmt == "chat":  # (conversations: said as this format's, not as data.format chat's)
         check_chat_tokenizer(tok, cfg._format_key, (cfg.format, TEXT_FIELDS))
