@@ -424,7 +424,7 @@ def test_unpaired_rows_get_the_data_warnings_of_sft_rows(tiny_llama, tmp_path):
 
 def test_a_special_token_s_text_in_an_unpaired_conversation_is_warned_of_as_in_sft_chat(tiny_llama, tmp_path):
     """'</s>' typed into a message of KTO's conversation rows is read as the token itself: SFT's data warning names
-    the row's line and message (no warning on the old code)."""
+    the row's line and message (no warning on the old code), and data.system_prompt holding it each row it opens."""
     from peftkit.data.checks import describe_stats
 
     tok, cfg = _tok(tiny_llama), DataConfig(train="x", format="unpaired")
@@ -435,3 +435,8 @@ def test_a_special_token_s_text_in_an_unpaired_conversation_is_warned_of_as_in_s
     said = " ".join(describe_stats(load_unpaired(tok, str(tmp_path / "chat.jsonl"), None, cfg, 2, cache=False)[1], cfg))
     assert (f"1 of 2 rows hold the text of a special token, which the tokenizer encodes as that token, not as text "
             f"(first: {tmp_path / 'chat.jsonl'}:2: prompt[0].content holds '</s>')") in said, said
+    given = cfg.model_copy(update={"system_prompt": "Be brief.</s>"})  # said of each row it opens, as in SFT
+    said = " ".join(describe_stats(load_unpaired(tok, str(tmp_path / "chat.jsonl"), None, given, 2, cache=False)[1],
+                                   given))
+    assert (f"2 of 2 rows hold the text of a special token, which the tokenizer encodes as that token, not as text "
+            f"(first: {tmp_path / 'chat.jsonl'}:1: data.system_prompt holds '</s>')") in said, said

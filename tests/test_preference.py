@@ -877,7 +877,8 @@ def test_conversation_pairs_warn_of_a_default_system_prompt_as_sft_conversations
 def test_a_special_token_s_text_in_a_conversation_pair_s_message_is_warned_of_as_in_sft_chat(tiny_llama, tmp_path):
     """'</s>' (the tiny Llama's end of turn, as ChatML's '<|im_end|>') typed into a message of a conversation pair is
     read as the token itself: the data warning `count_examples` gives an SFT conversation names the pair's line and
-    field, in the row's words (no warning on the old code); a pair of plain messages has none."""
+    field, in the row's words (no warning on the old code); a pair of plain messages has none. data.system_prompt
+    holding such text is said of each pair it opens, as in SFT (no warning on the old code)."""
     from peftkit.data.checks import describe_stats
 
     tok, cfg = _tok(tiny_llama), DataConfig(train="x", format="preference")
@@ -891,3 +892,11 @@ def test_a_special_token_s_text_in_a_conversation_pair_s_message_is_warned_of_as
             f"(first: {tmp_path / 'pairs.jsonl'}:2: field 'rejected' holds '</s>')") in said, said
     write_jsonl(tmp_path / "plain.jsonl", [{"prompt": ask, "chosen": "2", "rejected": "3"}] * 2)
     assert "warning" not in " ".join(describe_stats(load_pairs(tok, str(tmp_path / "plain.jsonl"), None, cfg)[1], cfg))
+    # data.system_prompt's text is looked at, as SFT's is, where it opens a pair (not the second row's, own system)
+    given = cfg.model_copy(update={"system_prompt": "Be brief.</s>"})
+    write_jsonl(tmp_path / "own.jsonl", [{"prompt": ask, "chosen": "2", "rejected": "3"},
+                                         {"prompt": [{"role": "system", "content": "."}, *ask], "chosen": "2",
+                                          "rejected": "3"}])
+    said = " ".join(describe_stats(load_pairs(tok, str(tmp_path / "own.jsonl"), None, given)[1], given))
+    assert f"1 of 2 rows hold the text of a special token, which the tokenizer encodes as that token, not as text " \
+           f"(first: {tmp_path / 'own.jsonl'}:1: data.system_prompt holds '</s>')" in said, said

@@ -28,8 +28,8 @@ from peftkit.data.bad_rows import usable_row
 from peftkit.data.conversations import check_chat_tokenizer
 from peftkit.data.examples import (BuiltExample, _built_examples, _TargetCuts, check_eos, no_examples_error,
                                    truncation_error)
-from peftkit.data.formats import (TRAIN, TRAIN_KEYS, _row_problem, _with_call_arguments, _without_empty_calls,
-                                  format_rows)
+from peftkit.data.formats import (TRAIN, TRAIN_KEYS, SystemPrompt, _row_problem, _with_call_arguments, _with_system,
+                                  _without_empty_calls, format_rows)
 from peftkit.data.rows import Locations, row_location
 from peftkit.data.sources import mix_name, read_rows
 from peftkit.data.stored import Example, Examples
@@ -239,7 +239,7 @@ def build_pairs(tok, source: str | list, split: str | None, cfg: DataConfig,
                                "give every row the same form (every dataset's, where data.train lists several)")
         fmt, first = kind, first or at
         if kind == "chat":
-            _count_special_messages(tok, row, ("prompt", *ANSWERS), at, stats)
+            _count_special_messages(tok, row, ("prompt", *ANSWERS), at, stats, opening_system_prompt(cfg, pair[0]))
         task = {"task": row["task"]} if tasks and "task" in row else {}  # (row_task checks it as the answers build)
         split_rows.append((at, [answer | task for answer in pair]))
     if not split_rows:
@@ -303,13 +303,29 @@ def _count_doubled_specials(tok, split_rows: list[tuple[str, list[dict]]], stats
                 break
 
 
-def _count_special_messages(tok, row: dict, keys: tuple[str, ...], at: str, stats: dict) -> None:
+def opening_system_prompt(cfg: DataConfig, conversation: dict) -> str | None:
+    """data.system_prompt where it opens `conversation` (an answer's row, `{messages}`: one without a system message
+    of its own, as `format_rows` puts it there), else None."""
+    if cfg.system_prompt is None:
+        return None
+    return cfg.system_prompt if isinstance(_with_system(conversation, cfg.system_prompt)["messages"][0],
+                                           SystemPrompt) else None
+
+
+def _count_special_messages(tok, row: dict, keys: tuple[str, ...], at: str, stats: dict,
+                            system: str | None = None) -> None:
     """A conversation row (a pair's, KTO's) with the text of a special token in a message ('<|im_end|>' typed into a
     turn, which the tokenizer encodes as the end of that turn), counted in `stats` as `count_examples` counts such SFT
     conversations (the same warning), in the row's words (`chosen[1].content`; an answer given as a string: its
-    field). `keys`: the row's fields of messages."""
+    field). `keys`: the row's fields of messages. `system`: data.system_prompt where it opens the row's conversation
+    (`opening_system_prompt`), looked at first and named as SFT names it (`data.system_prompt holds '<|im_end|>'`)."""
     from peftkit.data.checks import special_tokens_in
 
+    opening = [SystemPrompt(role="system", content=system)] if system is not None else []
+    if opening and (found := special_tokens_in(tok, {"messages": opening}, "chat", [])):
+        stats["special_text_rows"] += 1
+        stats["special_text_first"] = stats["special_text_first"] or f"{at}: {found}"
+        return
     for key in keys:
         value = row.get(key)
         messages = [{"role": "assistant", "content": value}] if isinstance(value, str) else value or []

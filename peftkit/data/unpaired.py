@@ -30,7 +30,8 @@ from peftkit.data.conversations import check_chat_tokenizer
 from peftkit.data.examples import _built_examples, _TargetCuts, check_eos, no_examples_error, truncation_error
 from peftkit.data.formats import TRAIN, TRAIN_KEYS, _row_problem, _with_call_arguments, _without_empty_calls, format_rows
 from peftkit.data.preference import (PairCollator, Pairs, _count_default_system_prompts, _count_doubled_specials,
-                                     _count_special_messages, _in_row_words, _keep, new_stats, one_eos)
+                                     _count_special_messages, _in_row_words, _keep, new_stats, one_eos,
+                                     opening_system_prompt)
 from peftkit.data.rows import Locations, row_location
 from peftkit.data.sources import read_rows
 from peftkit.data.stored import Examples
@@ -186,7 +187,8 @@ def build_unpaired(tok, source: str | list, split: str | None, cfg: DataConfig, 
                                "the same form (every dataset's, where data.train lists several)")
         fmt, first = kind, first or at
         if kind == "chat":
-            _count_special_messages(tok, row, ("prompt", "completion"), at, stats)
+            _count_special_messages(tok, row, ("prompt", "completion"), at, stats,
+                                    opening_system_prompt(cfg, compose(kind, answer)))
         kept.append((at, answer, label, {"task": row["task"]} if tasks and "task" in row else {}))
     if not kept:
         return [], [], stats, name, line_numbers
