@@ -64,7 +64,8 @@ class PreferenceLoss:
     ORPO and SimPO need no reference: they score each answer by its mean log-probability per token, `avg`. ORPO
     (Hong et al. 2024): -avg(chosen) - lambda log sigmoid(log odds(chosen) - log odds(rejected)), the odds of p being
     p / (1 - p) at p = exp(avg), as LLaMA-Factory computes it per pair (TRL's ORPOTrainer takes the negative
-    log-likelihood as a mean over all of a batch's chosen tokens instead). SimPO (Meng et al. 2024): -log
+    log-likelihood over the whole chosen sequence, the prompt's tokens too, as a mean over a micro-batch's tokens:
+    the same on pairs without a prompt, one a micro-batch). SimPO (Meng et al. 2024): -log
     sigmoid(beta (avg(chosen) - avg(rejected)) - gamma), as TRL's CPOTrainer (loss_type simpo, cpo_alpha 0) and
     LLaMA-Factory. Their rewards are beta (lambda) x avg, as both log them. A reward model's (`reward`, training.objective
     reward): -log sigmoid(s(chosen) - s(rejected)) + center (s(chosen) + s(rejected))^2 of its scores s (`reward_scores`),

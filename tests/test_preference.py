@@ -699,6 +699,57 @@ def test_simpo_from_an_sft_adapter_trains_as_trl_s_cpo_trainer(tiny_llama, tmp_p
     assert max((ours_final[k] - trained[k]).abs().max().item() for k in ours_final) <= 1e-5
 
 
+def test_orpo_trains_as_trl_s_orpo_trainer_where_their_likelihood_terms_agree(tiny_llama, tmp_path):
+    """ORPO against TRL's ORPOTrainer on a PeftModel of an adapter far from identity. The two define the likelihood
+    term otherwise (docs/recipe.md): TRL over every token of the chosen sequence but its first, the prompt's too, as
+    a mean over a micro-batch's tokens; peftkit over the answer's tokens, per pair (LLaMA-Factory's). They agree on
+    pairs without a prompt ("": the answer follows the BOS) taken one a micro-batch (TRL: batch 1, 4 accumulated),
+    where three SGD steps of 4 pairs give TRL's losses, rewards (lambda x the mean log-probability), accuracies and
+    margins at each step, and its adapter; a chosen answer ends with the EOS's text, which both score once."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    from conftest import save_random_adapter
+    from peftkit.methods.lora import LoraConfig
+
+    sft = save_random_adapter(tiny_llama, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear"),
+                              tmp_path / "sft", seed=2, std=0.3)
+    rows = [{"prompt": "", "chosen": f"{a}+{b}={a + b}", "rejected": f"{a}+{b}={-a - b}"}
+            for a, b in [(3, 4), (10, 20), (1, 1), (7, 8)]]
+    rows[2]["chosen"] += "</s>"
+    write_jsonl(tmp_path / "pairs.jsonl", rows)
+    steps, lr, lam = 3, 0.5, 0.5
+    recipe = _dpo_recipe(tmp_path, tiny_llama, {"train": tmp_path / "pairs.jsonl", "eval": tmp_path / "pairs.jsonl"},
+                         objective="orpo", orpo_lambda=lam, max_steps=steps, batch_size=4, optimizer="sgd", lr=lr,
+                         scheduler="constant", warmup_steps=0)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["adapter"] = {"init_from": str(sft)}
+    recipe.write_text(yaml.safe_dump(raw))
+    train(load_recipe(recipe))
+    ours = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+    model = PeftModel.from_pretrained(load_fp32(tiny_llama).train(), sft, is_trainable=True)
+    args = ORPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=1, gradient_accumulation_steps=4,
+                      max_steps=steps, learning_rate=lr, optim="sgd", lr_scheduler_type="constant", warmup_steps=0,
+                      beta=lam, report_to=[], save_strategy="no", use_cpu=True, logging_steps=1, bf16=False)
+    trainer = ORPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                          processing_class=AutoTokenizer.from_pretrained(tiny_llama))
+    trainer.train()
+    theirs = [x for x in trainer.state.log_history if "loss" in x]
+    assert theirs[-1]["loss"] < theirs[0]["loss"] - 1e-3  # it trained
+    names = {"loss": "loss", "reward_accuracy": "rewards/accuracies", "reward_margin": "rewards/margins",
+             "chosen_reward": "rewards/chosen", "rejected_reward": "rewards/rejected"}
+    for a, b in zip(ours, theirs, strict=True):
+        assert all(abs(a[k] - b[v]) <= 1e-5 for k, v in names.items()), (a, b)
+    ours_final = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    trained = {k.replace(".default", ""): v for k, v in model.state_dict().items() if ".default." in k}
+    assert max((ours_final[k] - trained[k]).abs().max().item() for k in ours_final) <= 1e-5
+
+
 def test_multitask_prompt_tuning_reads_each_pair_s_task(tiny_llama, pairs_data, tmp_path, monkeypatch, capsys):
     """adapter.method multitask_prompt_tuning: a pair's `task` is both answers' task id (each batch carries it), and
     one past adapter.num_tasks is refused as the data loads, as for SFT rows."""
