@@ -52,8 +52,10 @@ def _classifier(path: Path, tok) -> torch.nn.Module:
 
 def test_a_reward_model_from_an_adapter_trains_as_trl_s_reward_trainer(tiny_llama, tmp_path):
     """A reward model on adapter.init_from (a SEQ_CLS LoRA peft made, far from identity, its score head with it)
-    against TRL's RewardTrainer on a PeftModel of the same adapter, fed peftkit's token ids: three SGD steps give
-    TRL's losses, accuracies and margins, and its adapter and head, with the centring term on."""
+    against TRL's RewardTrainer on a PeftModel of the same adapter, given the same text rows (TRL tokenizes them: the
+    tiny Llama's characters, no merge across the prompt's end; a chosen answer ends with the EOS's text, which both
+    score once): the same token ids, and three SGD steps give TRL's losses, accuracies and margins, and its adapter
+    and head, with the centring term on."""
     trl = pytest.importorskip("trl")
     from datasets import Dataset
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -66,6 +68,7 @@ def test_a_reward_model_from_an_adapter_trains_as_trl_s_reward_trainer(tiny_llam
     start.save_pretrained(tmp_path / "start")
     rows = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(-a - b)}
             for a, b in [(3, 4), (10, 20), (1, 1), (7, 8)]]
+    rows[1]["chosen"] += "</s>"
     write_jsonl(tmp_path / "pairs.jsonl", rows)
     steps, lr, center = 3, 0.05, 0.01
     recipe = _reward_recipe(tmp_path, tiny_llama, {"train": tmp_path / "pairs.jsonl", "eval": tmp_path / "pairs.jsonl"},
@@ -78,13 +81,14 @@ def test_a_reward_model_from_an_adapter_trains_as_trl_s_reward_trainer(tiny_llam
     ours = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
 
     pairs, _ = load_pairs(tok, str(tmp_path / "pairs.jsonl"), None, DataConfig(train="x", format="preference"))
-    ids = [{"chosen_ids": c.input_ids, "rejected_ids": r.input_ids} for c, r, _ in pairs]
     model = PeftModel.from_pretrained(_classifier(tiny_llama, tok).train(), tmp_path / "start", is_trainable=True)
     args = trl.RewardConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, max_steps=steps,
                             learning_rate=lr, optim="sgd", lr_scheduler_type="constant", warmup_steps=0,
                             center_rewards_coefficient=center, report_to=[], save_strategy="no", use_cpu=True,
                             logging_steps=1, bf16=False)
-    trainer = trl.RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(ids), processing_class=tok)
+    trainer = trl.RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    assert [[row[f"{k}_ids"] for k in ("chosen", "rejected")] for row in trainer.train_dataset] == \
+        [[c.input_ids, r.input_ids] for c, r, _ in pairs]
     trainer.train()
     theirs = [x for x in trainer.state.log_history if "loss" in x]
     assert theirs[-1]["loss"] < theirs[0]["loss"] - 1e-3  # it trained
