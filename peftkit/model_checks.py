@@ -4,11 +4,11 @@ its words. The model is built from config.json on the meta device (every module 
 read or allocated: a Llama-3-8B config built in 4 s here), and the adapter injected there as the memory estimate does.
 
 Not checked here, since they need more than that: the weights' fit to config.json (`modeling.load_model`), the data
-(its rows, their lengths and the steps they make: warmup, evaluation and checkpoint intervals, and with
-training.epochs the method's own checks of the run, AdaLoRA's schedule; eval.max_new_tokens within a learned position
-table), data.packing's test of the model's attention (it compares logits), what depends on the device (flash
-attention's CUDA and package, though its refusal of float32 weights is made here; bfloat16 support, fp16 gradients,
-whether the estimate fits).
+(its rows, but for a classifier's labels and preference pairs' first row's form; their lengths and the steps they
+make: warmup, evaluation and checkpoint intervals, and with training.epochs the method's own checks of the run,
+AdaLoRA's schedule; eval.max_new_tokens within a learned position table), data.packing's test of the model's
+attention (it compares logits), what depends on the device (flash attention's CUDA and package, though its refusal of
+float32 weights is made here; bfloat16 support, fp16 gradients, whether the estimate fits).
 """
 
 from __future__ import annotations
@@ -76,7 +76,10 @@ def check_model(cfg: Recipe) -> str:
         if cfg.classifier:  # the head's size: the classes, as train reads them (a reward model's one score)
             from peftkit.modeling import classifier_kwargs
 
-            config.update(classifier_kwargs(cfg.model, _classes(cfg) if cfg.classification else None))
+            classes = _classes(cfg) if cfg.classification else None
+            if classes is not None:
+                _check_eval_labels(cfg, classes)
+            config.update(classifier_kwargs(cfg.model, classes))
         model = meta_model(cfg, config)
         if model is None:
             return "config.json and the tokenizer only: transformers builds no model of this task from this config"
@@ -243,3 +246,14 @@ def _classes(cfg: Recipe):
         return None
     usable, _, _, name = classification_rows(data.train, data.train_split, data)
     return LabelSet.from_rows(usable, cfg.model.num_labels, name)
+
+
+def _check_eval_labels(cfg: Recipe, classes) -> None:
+    """Train's refusal of an eval row whose label is none of data.train's `classes` (`LabelSet.id_of`: its file, line
+    and label), for each set of data.eval that is local; its rows read (not tokenized) as train reads them."""
+    from peftkit.data.classification import classification_rows
+
+    for name, source in cfg.data.eval_sources().items():
+        if is_local_dataset(source.path):
+            for where, row in classification_rows(source.path, source.split, cfg.data.for_eval(name))[0]:
+                classes.id_of(row["label"], where)

@@ -410,14 +410,18 @@ def test_missing_label_column_names_the_line(tmp_path, tiny_bert, sentiment):
     assert not (tmp_path / "run" / "adapter").exists()
 
 
-def test_unknown_label_in_eval_names_file_and_row(tmp_path, tiny_bert, sentiment):
+def test_unknown_label_in_eval_names_file_and_row(tmp_path, tiny_bert, sentiment, monkeypatch, capsys):
+    """An eval label that data.train has not: train stops at its row; validate says the same (it passed)."""
     write_jsonl(tmp_path / "eval.jsonl", [{"text": "good", "label": "positive"}, {"text": "meh", "label": "neutral"}])
     recipe = classification_recipe(tmp_path, tiny_bert, {"train": sentiment["train"], "eval": tmp_path / "eval.jsonl"})
     with pytest.raises(PeftkitError) as err:
         train(load_recipe(recipe))
-    assert str(err.value) == (
+    expected = (
         f"{tmp_path / 'eval.jsonl'}:2: label 'neutral' is not one of the 2 classes the model was trained on (negative, "
         "positive; or their ids 0-1). Fix the row, or train with data that has this class.")
+    assert str(err.value) == expected
+    validated = cli_user_error(monkeypatch, capsys, "validate", str(recipe))
+    assert " ".join(validated.split()) == f"error: {expected}", validated
 
 
 @pytest.mark.parametrize(("sections", "message"), [
