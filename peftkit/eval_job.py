@@ -5,7 +5,7 @@ over it, or from flags alone. `peftkit.evaluate` runs a job."""
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from peftkit.decoding import Sampling
@@ -50,6 +50,8 @@ class EvalJob:
     init_from: str | None = None
     """The recipe's adapter.init_from: a preference evaluation's reference is that adapter over the base, as the
     DPO run's was (`peftkit.evaluate_pairs.evaluate_preference`)."""
+    start: str | None = None
+    """The title of a recipe's start where the job evaluates it (`_from_the_start`): "start (init_from: NAME)"."""
     seed: int = 0
     """What a base's new classification head (a headless base scored as a classifier or a reward model) is drawn
     from: the recipe's training.seed, as its run drew the head its base evaluation scored; 0 without a recipe."""
@@ -83,6 +85,8 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
         job, eval_cfg = _job_of_recipe(recipe, overrides, model, data, adapter, trust_remote_code, comparing, eval_set)
     check_choices(fmt, on_bad_rows)
     _apply_data_flags(job, recipe, data, fmt, max_length, on_bad_rows, split, data_revision)
+    if recipe is not None and not (model or adapter or comparing):
+        _from_the_start(job)
     job.source = job.source.with_flags(model, adapter, trust_remote_code)
     check_base_is_there(job.source, recipe)
     job.source.check_adapter_task()
@@ -155,6 +159,24 @@ def _job_of_recipe(recipe: Path, overrides: list[str], model: str | None, data: 
                   eval_sets=list(sets) if isinstance(cfg.data.eval, dict) and not data and not eval_set else [],
                   preference=recipe_objective(cfg), init_from=cfg.adapter.init_from, seed=cfg.training.seed)
     return job, cfg.eval
+
+
+def _from_the_start(job: EvalJob) -> None:
+    """A recipe with adapter.init_from, and no adapter of its own (a run directory's adapter/, --adapter; nor --model),
+    is evaluated from its run's start, the base with that adapter, titled as train titles its figures before training
+    ("start (init_from: NAME)", `peftkit.start_eval`): the bare base's figures, which eval gave, no run of the recipe
+    gives. DPO's pairs and KTO's answers keep init_from as the reference an adapter is scored against (their run
+    evaluates no start: its figures are the reference's own)."""
+    if not job.init_from or job.source.adapter is not None:
+        return
+    if job.data_cfg.format in ("preference", "unpaired"):
+        from peftkit.evaluate_pairs import objective_of
+
+        if objective_of(job).needs_reference:
+            return
+    from peftkit.start_eval import title
+
+    job.source, job.start = replace(job.source, adapter=job.init_from), title(True, job.init_from)
 
 
 def _apply_data_flags(job: EvalJob, recipe: Path | None, data: str | None, fmt: str | None, max_length: int | None,

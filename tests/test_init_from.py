@@ -267,6 +267,22 @@ def test_an_init_from_run_is_evaluated_from_the_adapter_it_starts_from(tiny_llam
     assert f"<th>start (init_from: sft)</th><th>fine-tuned</th></tr><tr><th>eval loss</th><td>{start:.4f}" in page
     assert page.count("<th>start (init_from: sft)</th>") == 2  # the figures' table and the samples'
     assert verify(out, console=Console(quiet=True)).ok
+    # `peftkit eval RECIPE` scores the same start, titled so (it scored the bare base, untitled): each set's figure is
+    # `eval RECIPE --adapter DIR`'s; --set adapter.init_from=null gives the bare base.
+    recipe, said = tmp_path / "new" / "recipe.yaml", {}
+    for name, flags in (("recipe", []), ("adapter", ["--adapter", str(tmp_path / "sft")]),
+                        ("bare", ["--set", "adapter.init_from=null"])):
+        done = runner.invoke(app, ["eval", str(recipe), "--json", str(tmp_path / f"{name}.json"), *flags])
+        assert done.exit_code == 0, done.output
+        said[name] = json.loads((tmp_path / f"{name}.json").read_text()), done.output
+    for each in ("again", "numbers"):
+        assert abs(said["recipe"][0][each]["loss"] - said["adapter"][0][each]["loss"]) <= 1e-6
+        assert abs(said["recipe"][0][each]["loss"] - start) <= 1e-5
+        assert abs(said["bare"][0][each]["loss"] - figures["base"]) <= 1e-5
+    assert said["recipe"][1].startswith("start (init_from: sft): the base with the recipe's adapter.init_from, as "
+                                        "train evaluates it before training (the bare base: --set "
+                                        "adapter.init_from=null)\n"), said["recipe"][1]
+    assert "init_from" not in said["adapter"][1] + said["bare"][1]
 
     # A run as peftkit made them before 7 December 2026 (verify's re-run of one evaluates the bare base too).
     older, _, older_out = run("older", **{AS_BASE: "1"})

@@ -651,7 +651,7 @@ def test_simpo_from_an_sft_adapter_trains_as_trl_s_cpo_trainer(tiny_llama, tmp_p
     adapter far from identity: three SGD steps over the whole batch give TRL's losses, rewards and adapter (a rejected
     answer ends with the EOS's text, which both score once). Its
     figures before training are that adapter's (`start_eval_*`), as `peftkit eval RECIPE --adapter SFT` gives them
-    (they were the bare base's, `base_eval_*`)."""
+    (they were the bare base's, `base_eval_*`), and `peftkit eval RECIPE` too."""
     pytest.importorskip("trl")
     from datasets import Dataset
     from peft import PeftModel
@@ -678,6 +678,8 @@ def test_simpo_from_an_sft_adapter_trains_as_trl_s_cpo_trainer(tiny_llama, tmp_p
     summary = train(load_recipe(recipe))
     start, _ = _eval_json(tmp_path, str(recipe), "--adapter", str(sft))
     assert all(abs(start[name] - summary[f"start_eval_{name}"]) <= 1e-6 for name in FIGURES), (start, summary)
+    of_recipe, said = _eval_json(tmp_path, str(recipe))  # (no reference: the recipe's start, as the run's)
+    assert all(abs(of_recipe[name] - start[name]) <= 1e-6 for name in FIGURES) and "start (init_from: sft)" in said
     ours = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
 
     model = PeftModel.from_pretrained(load_fp32(tiny_llama).train(), sft, is_trainable=True)
