@@ -42,18 +42,26 @@ def sample_key(samples: list) -> str:
 
 def title(start: bool, init_from: object = None) -> str:
     """The title of the figures before training: "base model", or (`start`) "start (init_from: NAME)", NAME the
-    adapter's directory name (a run's `RUN/adapter` as `RUN/adapter`; a hub adapter as the recipe records it,
-    `user/name@COMMIT`)."""
+    adapter as a card names it (`shown`: a run's `RUN/adapter` as `RUN/adapter`; a hub adapter as the recipe records
+    it, `user/name@COMMIT`)."""
     if not start:
         return "base model"
     if not isinstance(init_from, str) or not init_from:
         return "start (init_from)"
-    path = Path(init_from)  # a run's adapter/ by its run too (`sft/adapter`): every run's is named adapter
-    name = f"{path.parent.name}/{path.name}" if path.is_absolute() and path.name == "adapter" else shown(init_from)
-    return f"start (init_from: {name})"
+    return f"start (init_from: {shown(init_from)})"
 
 
 def shown(path: str) -> str:
-    """An adapter directory as a card or report names it: a local path by its name (the full path says nothing on the
-    Hub or another machine), a hub id as it is."""
-    return Path(path).name if Path(path).is_absolute() else path
+    """An adapter directory a recipe starts from (init_from, fuse, source_adapter) as a card, a report or a summary
+    names it: a hub adapter's snapshot by its reference pinned to the commit read (`user/name@COMMIT`, as the run's
+    recipe.yaml records it), a run's `adapter/` by its run too (`sft/adapter`: every run's is named adapter), another
+    local directory by its name, a hub id as it is. Never more of a local path: its parents say nothing on the Hub or
+    another machine, and verify's re-run of a project moved with its run reads it at another path."""
+    from peftkit.hub import pinned_reference
+
+    local = Path(path)
+    if not local.is_absolute():
+        return path
+    if pinned := pinned_reference(path):
+        return pinned
+    return f"{local.parent.name}/{local.name}" if local.name == "adapter" else local.name

@@ -105,9 +105,16 @@ def test_the_adapters_a_run_started_from_are_named_not_given_by_their_paths(tiny
     """adapter.init_from (and AdapterFusion's fuse, multitask prompt tuning's source_adapter) hold directories of this
     machine: the card, made to be pushed, names them as it names the base, by their names."""
     cfg = _recipe(tmp_path, tiny_llama, number_data)
-    started = cfg.model_copy(update={"adapter": cfg.adapter.model_copy(update={"init_from": str(tmp_path / "sft")})})
-    text = model_card(started, "LORA", {})
-    assert str(tmp_path) not in text and "init_from: sft" in text
+    snapshot = tmp_path / "cache" / "models--acme--tiny-lora" / "snapshots" / ("e" * 40)  # a hub adapter, as resolved
+    # A run's adapter/ by its run too (it was `init_from: adapter`), a hub adapter by its pin (its commit alone): as
+    # the results table's column names them, and never by a part of this machine's path beyond them (verify's re-run
+    # of a moved project reads them elsewhere).
+    for path, name in ((tmp_path / "sft", "sft"), (tmp_path / "runs" / "sft" / "adapter", "sft/adapter"),
+                       (snapshot, f"acme/tiny-lora@{'e' * 40}")):
+        started = cfg.model_copy(update={"adapter": cfg.adapter.model_copy(update={"init_from": str(path)})})
+        text = model_card(started, "LORA", {"start_eval_loss": 2.0, "eval_loss": 1.0})
+        assert str(tmp_path) not in text and f"\n  init_from: {name}\n" in text, text
+        assert f"| | start (init_from: {name}) | fine-tuned |" in text, text
 
 
 def test_without_the_base_model_s_evaluation_the_table_has_no_empty_column(tiny_llama, number_data, tmp_path):
