@@ -117,8 +117,8 @@ def test_merge_requantize_says_how_much_of_a_qlora_update_it_keeps(method, dtype
     assert lines == [
         f"Merged model written to {tmp_path / 'merged'}",
         f"Re-quantized ({method}) model written to {tmp_path / f'merged-{method}'}",
-        (f"{tmp_path / f'merged-{method}'} keeps {100 * expected['kept']:.1f} % of the adapter's update to its 4-bit weights "
-         f"({expected['codes_changed']:,} of {got['codes']:,} 4-bit codes changed; rounding added noise "
+        (f"{tmp_path / f'merged-{method}'} keeps {100 * expected['kept']:.1f} % of the adapter's update to its 4-bit "
+         f"weights ({expected['codes_changed']:,} of {got['codes']:,} 4-bit codes changed; rounding added noise "
          f"{100 * expected['across']:.1f} % of the update's size)."),
         "Least kept: " + ", ".join(f"{name} {round(100 * kept, 1) + 0.0:.1f} %" for name, (kept, _) in least)
         + ". Kept whole in full precision: model.embed_tokens.weight."]
