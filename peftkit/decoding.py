@@ -4,7 +4,8 @@ Greedy by default (`temperature: 0`); sampling with a temperature (and top-p, to
 Decoding goes through transformers' `generate` with its KV cache, batched with left padding (the attention mask
 then keeps the pads out of attention, and the position ids start at each prompt's first real token); it stops at
 the tokenizer's EOS or the model's own end-of-turn tokens, or at a stop string (--stop), which the text is cut
-before. Under dynamic RoPE past the original context it decodes without the cache (`dynamic_past_context`). The
+before. Under dynamic RoPE past the original context it decodes without the cache (`dynamic_past_context`), and
+batches a prompt whose answer passes that context only with prompts of its own length (`longest_padded`). The
 test reference is cache-free greedy decoding — one full forward of the whole sequence per new token — which
 `peftkit generate` must match token for token, batched or not.
 """
@@ -25,7 +26,7 @@ from peftkit.data.prompts import Prompt
 from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.methods.task_routing import generation_tasks
 from peftkit.methods.virtual import generation_inputs, text_config, virtual_tokens
-from peftkit.rope_scaling import dynamic_past_context, fresh_dynamic_rope, learned_positions
+from peftkit.rope_scaling import dynamic_context, dynamic_past_context, fresh_dynamic_rope, learned_positions
 
 
 MIN_TEMPERATURE = 1e-5
@@ -287,13 +288,36 @@ def _without_model_defaults(model: nn.Module) -> Iterator[None]:
         model.generation_config = saved
 
 
-def length_batches(prompts: list[Prompt], batch_size: int, unpadded: bool = False) -> list[list[int]]:
+def length_batches(prompts: list[Prompt], batch_size: int, padded_up_to: int | None = None) -> list[list[int]]:
     """The prompts' indices in the batches `generate_texts` generates: sorted by length (equal lengths in their
     order), so that prompts of similar length share a batch and little padding is computed, then cut into runs
-    of `batch_size`; `unpadded`: also wherever the length changes, so no batch is padded."""
+    of `batch_size`; `padded_up_to` (`longest_padded`): the longest prompt a padded batch holds, the longer ones
+    cut wherever the length changes too, so that none of them is padded (0: no batch is)."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].ids))
-    runs = [list(g) for _, g in itertools.groupby(order, key=lambda i: len(prompts[i].ids))] if unpadded else [order]
+    def run_of(i: int) -> int:  # the shorter prompts share one run (-1), each longer length has its own
+        n = len(prompts[i].ids)
+        return n if padded_up_to is not None and n > padded_up_to else -1
+    runs = [list(g) for _, g in itertools.groupby(order, key=run_of)]
     return [run[start:start + batch_size] for run in runs for start in range(0, len(run), batch_size)]
+
+
+def longest_padded(model: nn.Module, prompts: list[Prompt], max_new_tokens: int,
+                   unpadded: bool | None = None) -> int | None:
+    """The longest prompt that `generate_texts` answers in a left-padded batch as it would alone (`length_batches`):
+    none (0) where `unpadded` (default: where `padding_hides_virtual_tokens`); under dynamic RoPE, those whose
+    answers stay within the original context (`dynamic_context`), since transformers scales a batch's frequencies by
+    its longest row, so a shorter row beside one past the context was answered with the longer's frequencies (the
+    tiny 64-position Llama, dynamic x4, 44 new tokens: a 20-token prompt, which alone never leaves the context,
+    answered otherwise beside a 56-token one); the longer ones share a batch only with prompts of their own length.
+    None: any."""
+    if unpadded is None:
+        unpadded = padding_hides_virtual_tokens(model, prompts, max_new_tokens)
+    if unpadded:
+        return 0
+    context = dynamic_context(model)
+    if context is None:
+        return None
+    return max(context - max_new_tokens - getattr(virtual_tokens(model), "num_virtual_tokens", 0), 0)
 
 
 def padding_hides_virtual_tokens(model: nn.Module, prompts: list[Prompt], max_new_tokens: int) -> bool:
@@ -316,8 +340,9 @@ def generate_texts(model: nn.Module, tok, prompts: list[Prompt], sampling: Sampl
     """The completion of each prompt, in order, generated `batch_size` at a time (`length_batches`). `on_batch`
     sees each batch's prompts and completions; `route`, given the indices of a batch's prompts, the context its
     generation runs in (a mixed-adapter batch: `NamedAdapters.routed`); `unpadded`: batches without padding
-    (default: where `padding_hides_virtual_tokens`); `decode`: a completion's ids as text (default: without special
-    tokens; `marked_text` keeps `model.add_tokens`' markers).
+    (default: where `padding_hides_virtual_tokens`; under dynamic RoPE, those past the context: `longest_padded`);
+    `decode`: a completion's ids as text (default: without special tokens; `marked_text` keeps `model.add_tokens`'
+    markers).
 
     The model is left in the train/eval mode it was in, and torch's global RNG as it was (sampling seeds a fork
     of it): generating in the middle of a training run must not change the dropout masks that follow."""
@@ -333,9 +358,8 @@ def generate_texts(model: nn.Module, tok, prompts: list[Prompt], sampling: Sampl
         torch.manual_seed(sampling.seed)
         model.eval()
         try:
-            if unpadded is None:
-                unpadded = padding_hides_virtual_tokens(model, prompts, sampling.max_new_tokens)
-            for batch in length_batches(prompts, batch_size, unpadded):
+            padded_up_to = longest_padded(model, prompts, sampling.max_new_tokens, unpadded)
+            for batch in length_batches(prompts, batch_size, padded_up_to):
                 with route(batch) if route else nullcontext():
                     new = generate_ids(model, tok, [prompts[i].ids for i in batch], sampling,
                                        tasks=[prompts[i].task_id for i in batch], decode=decode)

@@ -17,7 +17,7 @@ from torch import nn
 from peftkit.data import Example, Examples, eval_loader
 from peftkit.data.checks import guard_token_ids
 from peftkit.data.packing import VARLEN_KEYS
-from peftkit.decoding import (Sampling, check_room, generate_texts, length_batches, marked_text,
+from peftkit.decoding import (Sampling, check_room, generate_texts, length_batches, longest_padded, marked_text,
                               padding_hides_virtual_tokens)
 from peftkit.distributed import sharded
 from peftkit.errors import PeftkitError
@@ -118,15 +118,17 @@ def answer_text(tok) -> Callable[[list[int]], str]:
     return lambda ids: marked_text(tok, ids)
 
 
-def generation_share(prompts: list, batch_size: int, rank: int, world: int, unpadded: bool = False) -> list[int]:
+def generation_share(prompts: list, batch_size: int, rank: int, world: int,
+                     padded_up_to: int | None = None) -> list[int]:
     """The indices of the prompts that process `rank` of `world` answers: every world-th batch of
     `length_batches`, from its rank-th, in that order.
 
     `generate_texts` given just these prompts batches them exactly so again: sorting keeps their order (they
     are already sorted by length, equal lengths by index), and every batch is full but the last of its run (the
-    whole, or with `unpadded` one length's), which comes last here too. So each prompt is answered beside the
-    same prompts, with the same left padding, as in one process: the same greedy answers, bit for bit."""
-    return [i for batch in length_batches(prompts, batch_size, unpadded)[rank::world] for i in batch]
+    whole, or the prompts up to `padded_up_to` and each longer length's), which comes last here too. So each prompt
+    is answered beside the same prompts, with the same left padding, as in one process: the same greedy answers,
+    bit for bit."""
+    return [i for batch in length_batches(prompts, batch_size, padded_up_to)[rank::world] for i in batch]
 
 
 def shared_answers(model: nn.Module, tok, prompts: list, sampling: Sampling, batch_size: int, processes) -> list[str]:
@@ -139,7 +141,8 @@ def shared_answers(model: nn.Module, tok, prompts: list, sampling: Sampling, bat
     from accelerate.utils import gather_object
 
     unpadded = padding_hides_virtual_tokens(model, prompts, sampling.max_new_tokens)  # decided for all prompts
-    mine = generation_share(prompts, batch_size, processes.process_index, processes.num_processes, unpadded)
+    padded_up_to = longest_padded(model, prompts, sampling.max_new_tokens, unpadded)
+    mine = generation_share(prompts, batch_size, processes.process_index, processes.num_processes, padded_up_to)
     texts = generate_texts(model, tok, [prompts[i] for i in mine], sampling, batch_size, unpadded=unpadded,
                            decode=answer_text(tok))
     answers = [""] * len(prompts)

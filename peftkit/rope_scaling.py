@@ -96,13 +96,20 @@ def fresh_dynamic_rope(model) -> Iterator[None]:
             m.max_seq_len_cached, m.attention_scaling = cached, scaling
 
 
+def dynamic_context(model) -> int | None:
+    """The original context of `model`'s dynamic RoPE (its rotary embeddings' smallest original_max_seq_len), past
+    which transformers scales the frequencies by the sequence's length; None where no RoPE is dynamic."""
+    return min((m.original_max_seq_len for m in model.modules() if "dynamic" in str(getattr(m, "rope_type", ""))
+                and isinstance(getattr(m, "original_max_seq_len", None), int)), default=None)
+
+
 def dynamic_past_context(model, positions: int) -> bool:
     """Whether `model` scales its RoPE dynamically and `positions` go past its original context: there transformers
     rotates each new key by the frequencies of the sequence's length then, so keys a KV cache holds were rotated by
     others than a forward of the whole sequence uses (SmolLM2-135M-Instruct at 128 positions, dynamic x2: a 200-token
     prompt's greedy answer left the cache-free one at its 12th token)."""
-    return any("dynamic" in str(getattr(m, "rope_type", "")) and getattr(m, "original_max_seq_len", positions) < positions
-               for m in model.modules())
+    context = dynamic_context(model)
+    return context is not None and context < positions
 
 
 def learned_positions(config) -> int | None:

@@ -666,9 +666,14 @@ def test_each_process_generates_whole_single_process_batches(tiny_llama, number_
     def padded(batches):
         return sum(len({len(prompts[i].ids) for i in batch}) > 1 for batch in batches)
 
-    unpadded = length_batches(prompts, 4, unpadded=True)
+    unpadded = length_batches(prompts, 4, padded_up_to=0)
     assert padded(length_batches(prompts, 4)) > 0 and padded(unpadded) == 0
-    for batches, size, flag in ((whole, 3, False), (unpadded, 4, True)):
+    # Dynamic RoPE past the context (`longest_padded`): the two shorter lengths padded together, the longest apart.
+    middle = sorted({len(p.ids) for p in prompts})[1]
+    mixed = length_batches(prompts, 4, padded_up_to=middle)
+    assert padded(mixed) > 0 and all(len({len(prompts[i].ids) for i in batch}) == 1 for batch in mixed
+                                     if any(len(prompts[i].ids) > middle for i in batch))
+    for batches, size, flag in ((whole, 3, None), (unpadded, 4, 0), (mixed, 4, middle)):
         for world in (2, 4):  # 3 + 3 batches; 2 + 2 (one the short last) + 1 + 1
             shares = [generation_share(prompts, size, rank, world, flag) for rank in range(world)]
             assert sorted(i for share in shares for i in share) == list(range(len(prompts)))

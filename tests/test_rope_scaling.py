@@ -421,23 +421,37 @@ def test_a_dpo_run_s_training_does_not_depend_on_its_eval_rows_under_dynamic_rop
     assert losses[6][0] == pytest.approx(math.log(2), abs=1e-7)
 
 
+def _greedy(model, prompt: list[int], steps: int) -> list[int]:
+    """The model's own greedy answer: one forward of the whole sequence per new token, no cache."""
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            seq.append(int(model(torch.tensor([seq]), use_cache=False).logits[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
 def test_generation_past_the_context_under_dynamic_rope_is_cache_free_greedy(short_llama):
     """Dynamic RoPE rotates each new key by the frequencies of the sequence's length then: with a KV cache, the keys
     of a 56-token prompt kept their unscaled rotation while a 100-token sequence's forward scales them all, so a
     generation past the 64 positions left the model's own greedy answer (SmolLM2-135M-Instruct at 128 positions,
-    dynamic x2: at the 12th token of a 200-token prompt's answer). Decoded cache-free there, it is that answer."""
-    from peftkit.decoding import Sampling, generate_ids
+    dynamic x2: at the 12th token of a 200-token prompt's answer). Decoded cache-free there, it is that answer.
+
+    In a batch, transformers scales every row by the longest: beside the 56-token prompt, a 20-token one (whose answer
+    alone stays within the 64 positions) and a 30-token one (past them, alone at other lengths) were answered with
+    its frequencies. Each is answered as alone, its own greedy answer."""
+    from peftkit.data.prompts import Prompt
+    from peftkit.decoding import Sampling, generate_ids, generate_texts
 
     model = _scaled(short_llama, {"type": "dynamic", "factor": 4})
     tok = AutoTokenizer.from_pretrained(short_llama)
     prompt = torch.randint(4, 90, (56,), generator=torch.Generator().manual_seed(0)).tolist()
     got = generate_ids(model, tok, [prompt], Sampling(max_new_tokens=44))[0]
-    seq = list(prompt)
-    with torch.no_grad():
-        for _ in got:
-            seq.append(int(model(torch.tensor([seq]), use_cache=False).logits[0, -1].argmax()))
-    assert len(prompt) + len(got) > POSITIONS and got == seq[len(prompt):]
+    assert len(prompt) + len(got) > POSITIONS and got == _greedy(model, prompt, len(got))
     with torch.no_grad():
         cached = model.generate(torch.tensor([prompt]), max_new_tokens=len(got), do_sample=False, eos_token_id=None,
                                 pad_token_id=tok.pad_token_id)[0, len(prompt):].tolist()
     assert cached != got  # what the KV cache gives here
+    prompts = [prompt[-20:], prompt, prompt[-30:]]
+    answers = generate_texts(model, tok, [Prompt(p, "") for p in prompts], Sampling(max_new_tokens=44), batch_size=3)
+    alone = [tok.decode(_greedy(model, p, 44), skip_special_tokens=True) for p in prompts]
+    assert answers == alone and len(set(alone)) == 3
