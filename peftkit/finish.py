@@ -134,7 +134,7 @@ def _write_manifest(run: Run, model: nn.Module, state: LoopState, summary: dict,
                                            | ({"trimmed_slices": True} if state.trimmed_slices else {}),
                                            base_model_commit=run.base_commit,
                                            dtype=dtype_name(model.get_input_embeddings().weight.dtype),
-                                           examples_sha256=run.examples_sha256)
+                                           examples_sha256=run.examples_sha256, data_form=run.data_form)
     try:
         atomic_write_json(out / "manifest.json", manifest)
     except DiskFullError as e:

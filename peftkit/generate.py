@@ -98,7 +98,7 @@ def generate_job(recipe: Path | None, overrides: list[str], model: str | None, a
     source, cfg = model_source(recipe, overrides, model, adapter, trust_remote_code, "generate")
     run = recipe if cfg is not None else _run_of(adapter)  # (a run's --adapter RUN_DIR: its recipe.yaml says)
     if prompts and not chat and fmt is None:
-        _warn_if_untemplated(run, cfg.data if cfg is not None else _run_data(run), prompts)
+        _warn_if_untemplated(run, cfg.data if cfg is not None else _run_data(run), prompts, source.adapter)
     job = GenerateJob(source=source, prompts=prompts, chat=chat, instructions=bool(prompts) and fmt == "alpaca",
                       limit=limit, sampling=sampling, batch_size=batch_size, task=task, adapters=adapters, route=route,
                       arrow=arrow, general=list(general or []), inputs=list(inputs or []))
@@ -183,13 +183,15 @@ def _run_data(run: Path | None) -> DataConfig | dict | None:
         return data
 
 
-def _warn_if_untemplated(run: Path | None, cfg: DataConfig | dict | None, prompts: list[str]) -> None:
+def _warn_if_untemplated(run: Path | None, cfg: DataConfig | dict | None, prompts: list[str],
+                         adapter: str | None = None) -> None:
     """Warn where --prompt, used as given, is outside the template a run's prompts were trained in: its conversations'
     chat template (an instruct model often answers bare text with its end of turn at once), or alpaca's (a prompt
     holding its `### Instruction:` already is left alone). `cfg`: a recipe's data section, or a run's recipe.yaml's
-    as read (`_run_data`)."""
+    as read (`_run_data`); `adapter`: the adapter directory that loads, a run's adapter/ beside its manifest.json."""
     data = cfg.model_dump() if isinstance(cfg, DataConfig) else cfg
-    if said := _chat_key(data) or (_conversation_pairs(cfg) if isinstance(cfg, DataConfig) else None):
+    if said := _chat_key(data) or _recorded_pairs(data, adapter) or (
+            _conversation_pairs(cfg) if isinstance(cfg, DataConfig) else None):
         warnings.warn(f"{run} trains on conversations ({said}), and --prompt is used as given, outside the chat "
                       "template: pass --chat to give it as a user turn, as training's prompts were.",
                       PeftkitWarning, stacklevel=3)
@@ -209,6 +211,20 @@ def _chat_key(data: dict | None) -> str | None:
     train = data.get("train")
     return next((f"data.train[{i}].format: chat" for i, entry in enumerate(train if isinstance(train, list) else [])
                  if isinstance(entry, dict) and entry.get("format") == "chat"), None)
+
+
+def _recorded_pairs(data: dict | None, adapter: str | None) -> str | None:
+    """`data.format: preference` (or unpaired) said with its rows' form where the run whose adapter/ `adapter` is
+    records them as conversations (manifest.json's `data_form`): read offline, as a hub dataset's rows are not; None
+    where it records text rows, or nothing (another directory, a run from before it was recorded)."""
+    import json
+
+    try:
+        form = json.loads((Path(adapter).parent / "manifest.json").read_text()).get("data_form")
+    except (OSError, ValueError, TypeError, AttributeError):  # (no adapter: TypeError; no manifest: OSError)
+        return None
+    fmt = data.get("format") if isinstance(data, dict) else None
+    return f"data.format: {fmt}, its rows conversations (manifest.json's data_form)" if form == "chat" else None
 
 
 def _conversation_pairs(data: DataConfig) -> str | None:

@@ -271,13 +271,15 @@ def build_manifest(recipe: Recipe, out: Path, summary: dict, exported: list[Path
                    losses: list[float], data_sha256: dict | None = None, base_model_sha256: dict | None = None,
                    init_from_sha256: dict | None = None, distributed: dict | None = None,
                    base_model_commit: str | None = None, dtype: str | None = None,
-                   examples_sha256: dict | None = None, sources_sha256: dict | None = None) -> dict:
+                   examples_sha256: dict | None = None, sources_sha256: dict | None = None,
+                   data_form: str | None = None) -> dict:
     """manifest.json's content. `data_sha256` / `base_model_sha256` / `init_from_sha256`: the hashes taken when
     the run began (what it trained on, and no second read of a multi-GB base); computed here when not given.
     `distributed`: the processes that trained (`peftkit.distributed.describe`); default one. `dtype`: the base's
     weights as they loaded (model.dtype `auto` resolved to the checkpoint's dtype); default the recipe's setting.
     `examples_sha256`: the digests of the examples the data became (`peftkit.data.stored.examples_digest`).
-    `sources_sha256`: the files of the adapters the method is built from (`Method.source_dirs`), by recipe key."""
+    `sources_sha256`: the files of the adapters the method is built from (`Method.source_dirs`), by recipe key.
+    `data_form`: preference pairs' or KTO's rows' form (`Run.data_form`), recorded where given."""
     data = data_sha256 if data_sha256 is not None else data_hashes(recipe)
     outputs = output_hashes(out, [directory.name for directory in exported])
     record = recorded(recipe)  # (as recipe.yaml: hub adapters pinned)
@@ -296,6 +298,7 @@ def build_manifest(recipe: Recipe, out: Path, summary: dict, exported: list[Path
         "data_sha256": data,
         "data_commits": hub_commits(recipe),
         "examples_sha256": examples_sha256 or {},
+        **({"data_form": data_form} if data_form else {}),
         "base_model_sha256": (base_model_sha256 if base_model_sha256 is not None
                               else model_weight_hashes(recipe.model.name_or_path, recipe.model.revision)),
         "base_model_commit": base_model_commit,
@@ -342,6 +345,10 @@ class Manifest(BaseModel):
     """The commit each hub dataset was read at, by split (where `datasets` said); {} for local files."""
     examples_sha256: dict[str, Sha256] = {}
     """The digests of the examples data.train and data.eval became; {} in manifests from before it was recorded."""
+    data_form: Literal["chat", "completion"] | None = None
+    """Preference pairs' or KTO's rows' form in data.train (`chat`: conversations, `completion`: text), which
+    `generate --prompt` reads to warn where a run trained on conversations (a hub dataset's rows it cannot read
+    offline); None for other data, and in manifests from before 7 December 2026."""
     eval_sets: list[str] = []
     """The names of a data.eval mapping in the recipe's order (the first is the primary set), which the file's sorted
     keys lose; [] for one data.eval path."""

@@ -150,6 +150,8 @@ def _result_differences(manifest: Manifest, rerun: Manifest, tolerance: float) -
         if key == "dtype" and recorded.get(key) == "auto" == manifest.recipe.model.dtype:  # (before December 2026
             # the setting, not what it resolved to)
             continue
+        if key == "data_form" and recorded.get(key) is None:  # (not recorded before 7 December 2026; by the same
+            continue  # code, `_unrecorded_by_the_same_code` says so)
         out += [f"{MANIFEST}: {problem}" for problem in _differ(key, recorded.get(key), now.get(key), tolerance)]
     return out
 

@@ -85,6 +85,9 @@ class Run:
     """`examples_digest` of data.train's and data.eval's examples (`train`, `eval`), before any packing."""
     compiled: dict = field(default_factory=dict)
     """training.compile: the loss functions through torch.compile, made at their first step."""
+    data_form: str | None = None
+    """Preference pairs' and KTO's rows' form in data.train (`chat`: conversations, `completion`: text), recorded as
+    manifest.json's `data_form`; None for other data (data.format says it)."""
     base_commit: str | None = None
     """The commit of a hub base's snapshot that loaded (`manifest.hub_commit`): recorded, and the exported adapter's
     `revision`, so that what loads it later loads this base even after the branch moved."""
@@ -223,7 +226,7 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
     # With several processes each has its own device (cuda:<local rank>, or the CPU).
     device = accelerator.device if accelerator.num_processes > 1 else resolve_device(cfg.model.device)
     config, tok = _check_device_and_config(cfg, device, accelerator, resume, console)
-    train_ex, evals, labels, digests = _data(cfg, tok, config, cache, accelerator, console)
+    train_ex, evals, labels, digests, form = _data(cfg, tok, config, cache, accelerator, console)
     total_steps = _checked_steps(cfg, len(train_ex), accelerator.num_processes)
     model, inputs, base_commit = _base_model(cfg, device, labels, tok, console)
     # A classifier's new head trains in full and is saved with the adapter, as peft's SEQ_CLS does.
@@ -246,7 +249,7 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
     eval_ex, other_evals = next(iter(evals.values()), None), dict(list(evals.items())[1:])
     return Run(cfg, out, console, device, model, tok, optimizer, scheduler, accelerator, train_ex, eval_ex, targets,
                inputs, total_steps, summary, method_trainer, Selection.of(cfg), labels=labels, adapter=adapter,
-               base_commit=base_commit, examples_sha256=digests, other_evals=other_evals)
+               base_commit=base_commit, examples_sha256=digests, other_evals=other_evals, data_form=form)
 
 
 def _check_device_and_config(cfg: Recipe, device: torch.device, accelerator, resume: bool, console: Console):
@@ -272,9 +275,10 @@ def _check_device_and_config(cfg: Recipe, device: torch.device, accelerator, res
 
 
 def _data(cfg: Recipe, tok, config, cache: bool, accelerator,
-          console: Console) -> tuple[Sequence, dict, LabelSet | None, dict]:
+          console: Console) -> tuple[Sequence, dict, LabelSet | None, dict, str | None]:
     """(the rows training draws from, data.eval's evaluations by name, a classifier's classes or None, the examples'
-    digests by `Run.examples_sha256`'s keys), read before the model loads; aLoRA's invocation tokens looked for."""
+    digests by `Run.examples_sha256`'s keys, `Run.data_form`), read before the model loads; aLoRA's invocation tokens
+    looked for."""
     train_ex, train_stats, evals, labels = _load_data(cfg, tok, config, cache, accelerator.num_processes)
     _note_rows_left_out(cfg, evals, console)
     if accelerator.num_processes > 1:
@@ -289,7 +293,7 @@ def _data(cfg: Recipe, tok, config, cache: bool, accelerator,
     trained = train_ex.examples if isinstance(train_ex, Pairs) else train_ex  # (a DPO run's: the pairs' answers)
     digests = {"train": examples_digest(trained)} | {cfg.data.eval_key(name): examples_digest(evaluation.examples)
                                                      for name, evaluation in evals.items()}
-    return _training_rows(cfg, train_ex, train_stats, console), evals, labels, digests
+    return _training_rows(cfg, train_ex, train_stats, console), evals, labels, digests, train_stats.get("form")
 
 
 def _note_rows_left_out(cfg: Recipe, evals: dict, console: Console) -> None:

@@ -784,6 +784,19 @@ def test_a_chat_run_s_prompt_given_as_is_is_warned_and_an_empty_answer_said(tiny
             err = " ".join(capsys.readouterr().err.split())
             assert (f"warning: {named} trains on conversations (data.format: preference, its rows conversations), "
                     "and --prompt is used as given" in err) is warned, err
+    # pairs of a hub dataset, whose rows are not read offline: the run's manifest.json records their form (data_form;
+    # no warning on the old code), and a manifest without it (a run from before) says nothing, as before
+    hub = make_recipe(tmp_path / "hub", silent, {"train": "someone/pairs", "eval": "someone/pairs"},
+                      data={"format": "preference"}, training={"objective": "dpo"}).parent
+    shutil.copytree(run / "adapter", hub / "adapter")
+    for record, warned in (({"data_form": "chat"}, True), ({"data_form": "completion"}, False), ({}, False)):
+        (hub / "manifest.json").write_text(json.dumps(record))
+        for given in ([str(hub)], ["--adapter", str(hub)]):
+            monkeypatch.setattr(sys, "argv", ["peftkit", "generate", *given, "--prompt", "hi", "--max-new-tokens", "2"])
+            main()
+            err = " ".join(capsys.readouterr().err.split())
+            assert (f"warning: {hub} trains on conversations (data.format: preference, its rows conversations "
+                    "(manifest.json's data_form)), and --prompt is used as given" in err) is warned, err
 
 
 def test_an_answer_with_nothing_to_see_is_said_to_be_one():

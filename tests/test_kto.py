@@ -414,12 +414,15 @@ def test_unpaired_rows_get_the_data_warnings_of_sft_rows(tiny_llama, tmp_path):
     assert (f"1 of 3 rows hold the text of a special token, which the tokenizer encodes as that token, not as text "
             f"(first: {tmp_path / 'text.jsonl'}:3: field 'completion' ends with '</s>', and peftkit appends an EOS to "
             "it too (two EOS))") in said, said
+    assert stats["form"] == "completion"  # (manifest.json's data_form)
     tok.chat_template = "{% if messages[0]['role'] != 'system' %}<|system|>\nYou are a helpful model.</s>\n{% endif %}" \
         + CHAT_TEMPLATE
     write_jsonl(tmp_path / "chat.jsonl", [{"prompt": [{"role": "user", "content": f"1+{n}?"}], "completion": str(n + 1),
                                            "label": n % 2 == 0} for n in range(2)])
-    said = " ".join(describe_stats(load_unpaired(tok, str(tmp_path / "chat.jsonl"), None, cfg, 2, cache=False)[1], cfg))
+    stats = load_unpaired(tok, str(tmp_path / "chat.jsonl"), None, cfg, 2, cache=False)[1]
+    said = " ".join(describe_stats(stats, cfg))
     assert "default system prompt of 23 tokens (29% of data.max_length=80) to each of the 2 conversations" in said, said
+    assert stats["form"] == "chat"
 
 
 def test_a_special_token_s_text_in_an_unpaired_conversation_is_warned_of_as_in_sft_chat(tiny_llama, tmp_path):

@@ -80,8 +80,9 @@ def test_a_conversation_pair_trains_its_answer_alone_and_its_implicit_prompt_is_
              "rejected": [*prompt, {"role": "assistant", "content": "5"}]}]
     write_jsonl(tmp_path / "pairs.jsonl", rows)
     tok = _tok(tiny_llama)
-    pairs, _ = load_pairs(tok, str(tmp_path / "pairs.jsonl"), None, DataConfig(train="x", format="preference"))
+    pairs, stats = load_pairs(tok, str(tmp_path / "pairs.jsonl"), None, DataConfig(train="x", format="preference"))
     assert list(pairs.examples)[:2] == list(pairs.examples)[2:]  # the explicit and the implicit prompt alike
+    assert stats["form"] == "chat"  # (manifest.json's data_form: tests/test_generate.py)
     for example, answer in zip(pairs.examples, "4545", strict=True):
         trained = tok.decode([t for t in example.labels if t != IGNORE_INDEX])
         assert trained.startswith(answer) and "hello" not in trained and len(trained) < 12, trained
@@ -237,7 +238,16 @@ def test_a_killed_dpo_run_resumes_to_the_same_bits_and_verifies(tiny_llama, pair
     evals = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x]
     best = max(evals, key=lambda x: (x["eval_reward_accuracy"], -x["step"]))  # the first of the highest
     assert manifest["metrics"]["best"]["step"] == best["step"]
+    assert manifest["data_form"] == "completion"  # text pairs, recorded by the resumed run too
     assert verify(tmp_path / "run", console=Console(quiet=True)).ok
+    # a manifest from before data_form was recorded (by older code) verifies; an edited one does not
+    older = {k: v for k, v in manifest.items() if k != "data_form"}
+    older["environment"]["versions"].pop("peftkit source", None)
+    for edited, ok in ((older, True), (manifest | {"data_form": "chat"}, False)):
+        (tmp_path / "run" / "manifest.json").write_text(json.dumps(edited))
+        result = verify(tmp_path / "run", console=Console(quiet=True))
+        assert result.ok is ok, result.differences
+        assert ok or "manifest.json: data_form is 'chat' recorded, 'completion' now" in result.differences
 
 
 @pytest.mark.parametrize(("sections", "said"), [

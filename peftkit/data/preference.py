@@ -242,6 +242,7 @@ def build_pairs(tok, source: str | list, split: str | None, cfg: DataConfig,
             _count_special_messages(tok, row, ("prompt", *ANSWERS), at, stats, opening_system_prompt(cfg, pair[0]))
         task = {"task": row["task"]} if tasks and "task" in row else {}  # (row_task checks it as the answers build)
         split_rows.append((at, [answer | task for answer in pair]))
+    stats["form"] = fmt  # (manifest.json's data_form: `generate --prompt` reads it where the rows are a hub dataset's)
     if not split_rows:
         return [], stats, name, line_numbers
     if fmt == "completion" and (key := next((k for k in ("system_prompt", "chat_template") if getattr(cfg, k)), None)):
@@ -338,11 +339,12 @@ def _count_special_messages(tok, row: dict, keys: tuple[str, ...], at: str, stat
 
 
 def new_stats(rows: int, bad_rows: int) -> dict:
-    """The counts `describe_stats` prints, before any row is built (of preference pairs, of unpaired answers)."""
+    """The counts `describe_stats` prints, before any row is built (of preference pairs, of unpaired answers), and
+    the rows' `form` (`chat`: conversations, `completion`: text), once read."""
     return {"rows": rows, "bad_rows": bad_rows, "too_long": 0, "truncated": 0, "target_cut": 0,
             "truncation_dropped": 0, "system_prompt_rows": 0, "system_prompt_tokens": 0, "special_text_rows": 0,
             "special_text_first": None, "turn_ends_unmarked": False, "dropped_message_rows": 0,
-            "dropped_message_first": None, "examples": 0}
+            "dropped_message_first": None, "examples": 0, "form": None}
 
 
 def kept_pairs(built: list[tuple[BuiltExample, BuiltExample]], cfg: DataConfig,

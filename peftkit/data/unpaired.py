@@ -190,6 +190,7 @@ def build_unpaired(tok, source: str | list, split: str | None, cfg: DataConfig, 
             _count_special_messages(tok, row, ("prompt", "completion"), at, stats,
                                     opening_system_prompt(cfg, compose(kind, answer)))
         kept.append((at, answer, label, {"task": row["task"]} if tasks and "task" in row else {}))
+    stats["form"] = fmt
     if not kept:
         return [], [], stats, name, line_numbers
     if fmt == "completion" and (key := next((k for k in ("system_prompt", "chat_template") if getattr(cfg, k)), None)):
