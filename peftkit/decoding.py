@@ -5,9 +5,9 @@ Decoding goes through transformers' `generate` with its KV cache, batched with l
 then keeps the pads out of attention, and the position ids start at each prompt's first real token); it stops at
 the tokenizer's EOS or the model's own end-of-turn tokens, or at a stop string (--stop), which the text is cut
 before. Under dynamic RoPE past the original context it decodes without the cache (`dynamic_past_context`), and
-batches a prompt whose answer passes that context only with prompts of its own length (`longest_padded`). The
-test reference is cache-free greedy decoding — one full forward of the whole sequence per new token — which
-`peftkit generate` must match token for token, batched or not.
+batches a prompt whose answer passes that context (or longrope's) only with prompts of its own length
+(`longest_padded`). The test reference is cache-free greedy decoding — one full forward of the whole sequence per
+new token — which `peftkit generate` must match token for token, batched or not.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from peftkit.data.prompts import Prompt
 from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.methods.task_routing import generation_tasks
 from peftkit.methods.virtual import generation_inputs, text_config, virtual_tokens
-from peftkit.rope_scaling import dynamic_context, dynamic_past_context, fresh_dynamic_rope, learned_positions
+from peftkit.rope_scaling import batch_scaled_context, dynamic_past_context, fresh_dynamic_rope, learned_positions
 
 
 MIN_TEMPERATURE = 1e-5
@@ -304,17 +304,17 @@ def length_batches(prompts: list[Prompt], batch_size: int, padded_up_to: int | N
 def longest_padded(model: nn.Module, prompts: list[Prompt], max_new_tokens: int,
                    unpadded: bool | None = None) -> int | None:
     """The longest prompt that `generate_texts` answers in a left-padded batch as it would alone (`length_batches`):
-    none (0) where `unpadded` (default: where `padding_hides_virtual_tokens`); under dynamic RoPE, those whose
-    answers stay within the original context (`dynamic_context`), since transformers scales a batch's frequencies by
-    its longest row, so a shorter row beside one past the context was answered with the longer's frequencies (the
-    tiny 64-position Llama, dynamic x4, 44 new tokens: a 20-token prompt, which alone never leaves the context,
-    answered otherwise beside a 56-token one); the longer ones share a batch only with prompts of their own length.
-    None: any."""
+    none (0) where `unpadded` (default: where `padding_hides_virtual_tokens`); under dynamic RoPE (and longrope's
+    choice of factors), those whose answers stay within the original context (`batch_scaled_context`), since
+    transformers scales a batch's frequencies by its longest row, so a shorter row beside one past the context was
+    answered with the longer's frequencies (the tiny 64-position Llama, dynamic x4, 44 new tokens: a 20-token prompt,
+    which alone never leaves the context, answered otherwise beside a 56-token one); the longer ones share a batch
+    only with prompts of their own length. None: any."""
     if unpadded is None:
         unpadded = padding_hides_virtual_tokens(model, prompts, max_new_tokens)
     if unpadded:
         return 0
-    context = dynamic_context(model)
+    context = batch_scaled_context(model)
     if context is None:
         return None
     return max(context - max_new_tokens - getattr(virtual_tokens(model), "num_virtual_tokens", 0), 0)

@@ -103,6 +103,17 @@ def dynamic_context(model) -> int | None:
                 and isinstance(getattr(m, "original_max_seq_len", None), int)), default=None)
 
 
+def batch_scaled_context(model) -> int | None:
+    """The context past which transformers scales a sequence's RoPE by its length, so a batch's by its longest row
+    (the largest position id): a dynamic RoPE's original context (`dynamic_context`), or longrope's
+    original_max_position_embeddings, past which it rotates by its long factors (Phi-3's long-context models); None
+    where neither is."""
+    longrope = [m.config.rope_parameters.get("original_max_position_embeddings") for m in model.modules()
+                if getattr(m, "rope_type", None) == "longrope"
+                and isinstance(getattr(getattr(m, "config", None), "rope_parameters", None), dict)]
+    return min([c for c in (dynamic_context(model), *longrope) if isinstance(c, int)], default=None)
+
+
 def dynamic_past_context(model, positions: int) -> bool:
     """Whether `model` scales its RoPE dynamically and `positions` go past its original context: there transformers
     rotates each new key by the frequencies of the sequence's length then, so keys a KV cache holds were rotated by
