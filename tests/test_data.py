@@ -1068,7 +1068,7 @@ def test_each_slice_of_a_file_counts_its_own_skipped_lines(tmp_path):
     from peftkit.data import describe_stats
 
     rows = [json.dumps({"prompt": f"{i}+{i}=", "completion": str(2 * i)}) for i in range(8)]
-    rows[5] = json.dumps({"prompt": "5+5=", "completion": "10</s>"})  # (a special token's text: a warning naming it)
+    rows[5] = json.dumps({"prompt": "5+5=", "completion": "10</s>\n"})  # (a special token's text: a warning naming it)
     rows[6] = json.dumps({"prompt": "x"})  # a row without the format's fields: its slice's, as ever
     lines = [rows[0], "{bad", *rows[1:5], "{bad", *rows[5:], "{bad"]  # malformed: lines 2, 7 and 11
     (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from peftkit.data import IGNORE_INDEX, describe_stats, load_examples, load_rows
+from peftkit.data.prompts import load_prompts
 from peftkit.errors import PeftkitError
 from peftkit.recipe import DataConfig
 from peftkit.tiny import build_char_tokenizer
@@ -55,7 +56,7 @@ def test_the_warnings_name_a_row_s_place_as_the_data_names_it(tmp_path):
     stats = _load(tmp_path, rows, "alpaca", columns={"output": "answer"})[1]
     path = tmp_path / "d.jsonl"
     assert stats["special_text_first"] == f"{path}:1: column 'answer' (data.columns.output) holds '</s>'"
-    stats = _load(tmp_path, [{"prompt": "a", "answer": "b</s>"}], "completion", columns={"completion": "answer"})[1]
+    stats = _load(tmp_path, [{"prompt": "a", "answer": "b</s>\n"}], "completion", columns={"completion": "answer"})[1]
     assert stats["special_text_first"] == (f"{path}:1: column 'answer' (data.columns.completion) ends with '</s>', "
                                            "and peftkit appends an EOS to it too (two EOS)")
     dialog = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a<pad>"}]
@@ -87,20 +88,44 @@ def test_a_special_token_s_name_the_tokenizer_does_not_split_out_is_text(tmp_pat
     assert stats["special_text_rows"] == 0
 
 
-def test_text_and_completion_rows_are_taken_as_rendered_but_a_doubled_bos_or_eos_is_said(tmp_path):
+def test_text_and_completion_rows_are_taken_as_rendered_but_a_doubled_bos_or_eos_is_said(tmp_path, tiny_llama):
     """`text` and `completion` rows are often text already rendered (TRL's prompt/completion with a ChatML prompt),
-    whose special tokens are meant; one that begins with the BOS (which the tokenizer adds too) or ends with the EOS
-    (which peftkit appends) trains two in a row."""
+    whose special tokens are meant; one that begins with the BOS (which the tokenizer adds too) trains two in a row.
+    One that ends with the EOS's text gets no second (peftkit appended one to every target, and warned), as TRL's
+    SFTTrainer tokenizes it (its add_eos): the same ids and labels as TRL's for each row (on the old code
+    '7</s></s>'); the EOS after it is still said where the text's end is not that EOS (`</s>\n`, two of them)."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
     assert _load(tmp_path, [{"text": "a</s>b"}], "text")[1]["special_text_rows"] == 0
     assert _load(tmp_path, [{"prompt": "<pad>a", "completion": "b<pad>"}], "completion")[1]["special_text_rows"] == 0
-    examples, stats, _, path = _load(tmp_path, [{"text": "<s>ab"}, {"text": "ab</s>"}], "text")
-    assert examples[0].input_ids[:2] == [BOS, BOS] and examples[1].input_ids[-2:] == [EOS, EOS]
+    examples, stats, _, path = _load(tmp_path, [{"text": "<s>ab"}, {"text": "ab</s>\n"}], "text")
+    assert examples[0].input_ids[:2] == [BOS, BOS] and examples[1].input_ids[-3:] == [EOS, *ids("\n"), EOS]
     assert stats["special_text_rows"] == 2
     assert stats["special_text_first"] == (f"{path}:1: field 'text' begins with '<s>', and the tokenizer puts a BOS "
                                            "in front of it too (two BOS)")
-    stats = _load(tmp_path, [{"prompt": "a", "completion": "b</s>"}], "completion")[1]
-    assert stats["special_text_first"] == (f"{path}:1: field 'completion' ends with '</s>', and peftkit appends an "
+    completions = [{"prompt": "3+4=", "completion": "7</s>"}, {"prompt": "1+1=", "completion": "2"},
+                   {"prompt": "5+5=", "completion": "10</s>\n"}, {"prompt": "2+2=", "completion": "4</s></s>"}]
+    texts = [{"text": "3+4=7</s>"}, {"text": "1+1=2"}, {"text": "ab</s></s>"}]
+    args = trl.SFTConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, max_length=64)
+    trainer = trl.SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_llama), args=args, processing_class=TOK,
+                             train_dataset=Dataset.from_list(completions), eval_dataset=Dataset.from_list(texts))
+    for rows, fmt, theirs in ((completions, "completion", trainer.train_dataset), (texts, "text", trainer.eval_dataset)):
+        examples, stats, _, path = _load(tmp_path, rows, fmt)
+        assert [[e.input_ids, e.labels[1:]] for e in examples] == [  # (a first label is never learned: TRL's text
+            [row["input_ids"], row.get("labels", row["input_ids"])[1:]] for row in theirs]  # rows label their BOS)
+        assert stats["special_text_rows"] == len(rows) - 2 and examples[0].input_ids[-2:] == [*ids("7"), EOS]
+    assert stats["special_text_first"] == f"{path}:3: field 'text' ends with '</s>' twice (two EOS)"
+    stats = _load(tmp_path, completions[1:], "completion")[1]
+    assert stats["special_text_first"] == (f"{path}:2: field 'completion' ends with '</s>', and peftkit appends an "
                                            "EOS to it too (two EOS)")
+    # generation metrics score an answer, cut at its EOS, against the text trained before it: '4</s>', not '4</s></s>'
+    completion = DataConfig(train=str(path), format="completion")
+    assert [p.reference for p in load_prompts(TOK, str(path), "train", completion)] == ["2", "10</s>\n", "4</s>"]
+    alpaca = _load(tmp_path, [{"instruction": "a", "output": "b</s>"}], "alpaca")  # (its output: the same)
+    assert alpaca[0][0].input_ids[-2:] == [*ids("b"), EOS] and alpaca[1]["special_text_rows"] == 0
+    assert load_prompts(TOK, str(path), "train", DataConfig(train="x"))[0].reference == "b"
 
 
 def test_a_chat_template_that_closes_turns_with_plain_text_is_said(tmp_path):

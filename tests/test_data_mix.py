@@ -116,7 +116,7 @@ def test_a_warning_about_a_row_names_its_entry_s_columns(two_files):
     """A special token's text in an answer is warned about in the data's words: for a row of an entry with its own
     columns, that entry's column (data.train[1].columns.output), not data.columns' field the file has not."""
     a, b = two_files
-    write_jsonl(b, [{"question": "1", "answer": "one </s>"}])
+    write_jsonl(b, [{"question": "1", "answer": "one </s>."}])
     mix = DataConfig(train=[str(a), {"path": str(b), "columns": {"instruction": "question", "output": "answer"}}],
                      max_length=128)
     _, stats = load_examples(TOK, mix.train, mix.train_split, mix, cache=False)
@@ -387,7 +387,7 @@ def test_eval_and_generate_name_a_list_entry_s_columns_in_a_bad_row(two_files, t
     assert "b.jsonl:2: column 'answer' (data.train[1].columns.output) is empty for data.format 'alpaca'" in err
     err = cli_user_error(monkeypatch, capsys, "generate", str(recipe), "--model", str(tiny_llama), "--data", "b.jsonl")
     assert "b.jsonl:2: column 'question' (data.train[1].columns.input) must be a string, got int" in err
-    rows[1] |= {"question": "7", "answer": "seven</s>"}  # a warning about a row's text names it too
+    rows[1] |= {"question": "7", "answer": "seven</s>."}  # a warning about a row's text names it too
     write_jsonl(b, [{"instruction": "Write the number in words.", **r} for r in rows])
     cfg = load_recipe(recipe).data.reading("b.jsonl")
     _, stats = load_examples(TOK, "b.jsonl", "train", cfg, cache=False)
@@ -634,7 +634,7 @@ def test_a_cached_warning_names_the_columns_key_of_the_read_that_asks(two_files,
     first read's counts: a warning about a row's text named data.columns.output, a key that recipe does not set."""
     a, b = two_files
     rows = [json.loads(line) for line in b.read_text().splitlines()]
-    rows[1] |= {"answer": "seven</s>"}
+    rows[1] |= {"answer": "seven</s>."}
     write_jsonl(b, [{"instruction": "Write the number in words.", **r} for r in rows])
     columns = {"input": "question", "output": "answer"}
     recipe = make_recipe(tmp_path, tiny_llama, {"train": a, "eval": a}, data={

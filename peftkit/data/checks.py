@@ -41,8 +41,11 @@ def special_tokens_in(tok, row: dict, fmt: str, body: list[int]) -> str | None:
     the template's own). Alpaca rows are looked for in their tokens (`body`: the example's ids between the BOS the
     tokenizer puts in front and the EOS peftkit appends), chat messages in their text. `text` and `completion` rows
     are often text already rendered (a ChatML prompt), whose special tokens are meant: there only a BOS the text
-    begins with (when the tokenizer puts one in front too) and an EOS it ends with (peftkit appends one) are said,
-    two of them in a row."""
+    begins with (when the tokenizer puts one in front too) and an EOS it ends with are said, two of them in a row:
+    one at the very end is the one EOS peftkit keeps (`without_eos`), a second before it, or one before the text's
+    last whitespace (`</s>\n`: peftkit appends one more), are two."""
+    from peftkit.data.examples import without_eos  # (it imports this module)
+
     if fmt == "tokenized":  # the ids are the user's, special tokens and all
         return None
     ids, pattern = _specials(tok)
@@ -51,8 +54,9 @@ def special_tokens_in(tok, row: dict, fmt: str, body: list[int]) -> str | None:
         bos, eos = tok.bos_token, tok.eos_token
         if bos and row[first].lstrip().startswith(bos) and _adds_bos(tok):
             return f"field '{first}' begins with '{bos}', and the tokenizer puts a BOS in front of it too (two BOS)"
-        if eos and row[last].rstrip().endswith(eos):
-            return f"field '{last}' ends with '{eos}', and peftkit appends an EOS to it too (two EOS)"
+        if eos and (kept := without_eos(tok, row[last])).rstrip().endswith(eos):  # (the one at its very end is kept)
+            then = " twice" if kept != row[last] else ", and peftkit appends an EOS to it too"
+            return f"field '{last}' ends with '{eos}'{then} (two EOS)"
         return None
     if fmt == "chat":
         fields = [(message_name(row["messages"], i, ".content"), m.get("content"))

@@ -27,7 +27,7 @@ from peftkit.data.batches import Collator
 from peftkit.data.bad_rows import usable_row
 from peftkit.data.conversations import check_chat_tokenizer
 from peftkit.data.examples import (BuiltExample, _built_examples, _TargetCuts, check_eos, no_examples_error,
-                                   truncation_error)
+                                   truncation_error, without_eos)
 from peftkit.data.formats import (TRAIN, TRAIN_KEYS, SystemPrompt, _row_problem, _with_call_arguments, _with_system,
                                   _without_empty_calls, format_rows)
 from peftkit.data.rows import Locations, row_location
@@ -251,8 +251,8 @@ def build_pairs(tok, source: str | list, split: str | None, cfg: DataConfig,
                            "conversations (prompt, chosen and rejected as lists of messages)")
     if fmt == "completion":
         check_eos(tok, cfg.format, cfg._format_key, TEXT_FIELDS)
-        split_rows = [(at, [one_eos(tok, answer) for answer in pair]) for at, pair in split_rows]
         _count_doubled_specials(tok, split_rows, stats)
+        split_rows = [(at, [one_eos(tok, answer) for answer in pair]) for at, pair in split_rows]
     elif fmt == "chat":  # (conversations: said as this format's, not as data.format chat's)
         check_chat_tokenizer(tok, cfg._format_key, (cfg.format, TEXT_FIELDS))
     own = cfg.model_copy(update={"format": fmt, "columns": {}})
@@ -279,17 +279,16 @@ def _count_default_system_prompts(tok, chosen: list[dict], stats: dict) -> None:
 
 def one_eos(tok, row: dict) -> dict:
     """A text answer's row (`{prompt, completion}`) without the EOS text its answer ends with, which peftkit appends
-    to every answer: an answer rendered by hand (`"30</s>"`, ChatML's `...<|im_end|>`) is scored through one EOS, as
-    TRL's DPOTrainer, KTOTrainer and RewardTrainer (the text's end) and CPOTrainer and ORPOTrainer (the tokens') append
-    none to it. Only the very end is taken: an answer ending `</s>\n` gets a second, as there (said as two EOS,
-    `_count_doubled_specials`)."""
-    eos, answer = tok.eos_token, row["completion"]
-    return row | {"completion": answer[:-len(eos)]} if eos and answer.endswith(eos) else row
+    to every answer (`peftkit.data.examples.without_eos`, as for an SFT completion): an answer rendered by hand
+    (`"30</s>"`, ChatML's `...<|im_end|>`) is scored through one EOS, as TRL's DPOTrainer, KTOTrainer and
+    RewardTrainer (the text's end) and CPOTrainer and ORPOTrainer (the tokens') append none to it. Only the very end
+    is taken: an answer ending `</s>\n` gets a second, as there (said as two EOS, `_count_doubled_specials`)."""
+    return row | {"completion": without_eos(tok, row["completion"])}
 
 
 def _count_doubled_specials(tok, split_rows: list[tuple[str, list[dict]]], stats: dict,
                             keys: tuple[str, ...] = ANSWERS) -> None:
-    """Text pairs whose answer, without the one EOS `one_eos` took off, still ends with the EOS's text (`30</s></s>`,
+    """Text pairs whose answer, without the one EOS `one_eos` takes off, still ends with the EOS's text (`30</s></s>`,
     `30</s>\n`: peftkit appends one more, as TRL's trainers do), or whose prompt begins with the BOS the tokenizer
     puts in front too, counted in `stats` as `count_examples` counts such SFT rows (the same warning). `keys`: the
     answers' fields in the row (KTO's unpaired row: its `completion`)."""

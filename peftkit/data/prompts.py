@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from peftkit.data.conversations import render_chat, trained_turns, turn_end_token
 from peftkit.data.bad_rows import all_skipped, bad_rows_fix, row_problem, usable_row
 from peftkit.data.examples import (BuiltExample, _TargetCuts, build_examples, encode_prompt, located, loss_keeps,
-                                   prompt_and_target_text, row_location, row_task, truncation_error)
+                                   prompt_and_target_text, row_location, row_task, truncation_error, without_eos)
 from peftkit.data.formats import format_rows
 from peftkit.data.rows import load_rows
 from peftkit.data.stored import IGNORE_INDEX
@@ -119,7 +119,7 @@ def row_prompt(tok, row: dict, fmt: str, train_on: str = "answers", targets: boo
         return prompt
     text, target = prompt_and_target_text(row, fmt)
     prompt = text_prompt(tok, text)
-    prompt.reference = target
+    prompt.reference = target if target is None else without_eos(tok, target)  # (what is trained before the EOS)
     return prompt
 
 

@@ -199,8 +199,8 @@ def build_unpaired(tok, source: str | list, split: str | None, cfg: DataConfig, 
                            "conversations (prompt and completion as lists of messages)")
     if fmt == "completion":
         check_eos(tok, cfg.format, cfg._format_key, TEXT_FIELDS)
-        kept = [(at, _one_eos(tok, parts), label, task) for at, parts, label, task in kept]
         _count_doubled_specials(tok, [(at, [compose(fmt, p)]) for at, p, _, _ in kept], stats, ("completion",))
+        kept = [(at, _one_eos(tok, parts), label, task) for at, parts, label, task in kept]
     elif fmt == "chat":  # (conversations: said as this format's, not as data.format chat's)
         check_chat_tokenizer(tok, cfg._format_key, (cfg.format, TEXT_FIELDS))
     own = cfg.model_copy(update={"format": fmt, "columns": {}})
