@@ -274,6 +274,8 @@ def test_recipe_mistakes_about_dpo_are_said_at_their_key(tiny_llama, pairs_data,
 @pytest.mark.parametrize(("row", "said"), [
     ({"prompt": "1+1=", "chosen": "2"}, "missing field 'rejected'"),
     ({"prompt": "1+1=", "chosen": "2", "rejected": "2"}, "'chosen' and 'rejected' are the same answer"),
+    ({"prompt": "1+1=", "chosen": "2", "rejected": "2</s>"}, "'chosen' and 'rejected' are the same answer once the "
+     "EOS's text '</s>' one of them ends with is taken off (each is scored through one EOS), which teaches nothing"),
     ({"chosen": "2", "rejected": "3"}, "missing field 'prompt'"),
     ({"prompt": "1+1=", "chosen": "2", "rejected": 3}, "field 'rejected' must be a string"),
     ({"prompt": [{"role": "user", "content": "1+1?"}], "chosen": "2",

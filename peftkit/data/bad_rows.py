@@ -23,15 +23,16 @@ def row_problem(row: object, fmt: str, target: bool = True, train_on: str = "ans
 
 
 def usable_row(row: object, cfg: DataConfig, where: str, target: bool = True, columns_key: str | None = None,
-               format_key: str | None = None, problem: str | None = None) -> bool:
+               format_key: str | None = None, problem: str | None = None, found: str | None = None) -> bool:
     """Whether a row has what data.format needs (`target`: a nonempty answer too); a bad row is False under
     data.on_bad_rows: skip, else an error naming `where` and the fields (`columns_key`: the key of cfg.columns, by
     default the one it came from: data.columns, or a list entry's as `DataConfig.reading` read it; `format_key`: of
     cfg.format, by default the one it came from as well: data.format, or a list entry's, data.train[1].format;
     `problem`: one found beyond the row's fields, by the caller, a tokenized row's id past the tokenizer's, raised as
-    `PastVocabulary`)."""
+    `PastVocabulary`; `found`: another the caller found with the tokenizer, a text pair's answers alike but for the
+    EOS's text, raised as any bad row's)."""
     given = problem
-    problem = problem or row_problem(row, cfg.format, target, cfg.train_on)
+    problem = problem or found or row_problem(row, cfg.format, target, cfg.train_on)
     if not problem:
         return True
     if cfg.on_bad_rows == "skip":

@@ -228,9 +228,10 @@ def build_pairs(tok, source: str | list, split: str | None, cfg: DataConfig,
     split_rows, fmt, first = [], None, None
     for row, at in zip(rows, where, strict=True):
         split = split_pair(row) if isinstance(row, dict) else None  # (a good row's split once, not checked first)
-        if not isinstance(split, tuple):
-            usable_row(row, cfg, at)  # a bad row: said under data.on_bad_rows: error (naming it), else skipped
-            stats["bad_rows"] += 1
+        alike = _alike_but_for_eos(tok, split)
+        if not isinstance(split, tuple) or alike:
+            usable_row(row, cfg, at, found=alike)  # a bad row: said under data.on_bad_rows: error (naming it), else
+            stats["bad_rows"] += 1  # skipped
             continue
         kind, pair = split
         if fmt is not None and kind != fmt:  # (data.train's list: the first pair may be another dataset's)
@@ -263,6 +264,19 @@ def build_pairs(tok, source: str | list, split: str | None, cfg: DataConfig,
     doubled.parts = []
     built = list(_built_examples(tok, answers, own, name, doubled, range(len(answers)), tasks))
     return list(zip(built[::2], built[1::2], strict=True)), stats, name, line_numbers
+
+
+def _alike_but_for_eos(tok, split: tuple | str | None) -> str | None:
+    """Why a text pair (`split_pair`'s) whose answers differ only by the EOS's text one ends with (`4</s>` and `4`) is
+    no pair: each is scored through one EOS (`one_eos`), so the two are the same answer, as `split_pair` refuses
+    answers that are equal; None for any other."""
+    if not isinstance(split, tuple) or split[0] != "completion":
+        return None
+    chosen, rejected = (one_eos(tok, answer)["completion"] for answer in split[1])
+    if chosen != rejected:
+        return None
+    return (f"'chosen' and 'rejected' are the same answer once the EOS's text '{tok.eos_token}' one of them ends with "
+            "is taken off (each is scored through one EOS), which teaches nothing")
 
 
 def _count_default_system_prompts(tok, chosen: list[dict], stats: dict) -> None:
