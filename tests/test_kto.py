@@ -427,7 +427,8 @@ def test_unpaired_rows_get_the_data_warnings_of_sft_rows(tiny_llama, tmp_path):
 
 def test_a_special_token_s_text_in_an_unpaired_conversation_is_warned_of_as_in_sft_chat(tiny_llama, tmp_path):
     """'</s>' typed into a message of KTO's conversation rows is read as the token itself: SFT's data warning names
-    the row's line and message (no warning on the old code), and data.system_prompt holding it each row it opens."""
+    the row's line and message (no warning on the old code), and data.system_prompt holding it each row it opens; a
+    system message the chat template leaves out is said too."""
     from peftkit.data.checks import describe_stats
 
     tok, cfg = _tok(tiny_llama), DataConfig(train="x", format="unpaired")
@@ -443,3 +444,18 @@ def test_a_special_token_s_text_in_an_unpaired_conversation_is_warned_of_as_in_s
                                    given))
     assert (f"2 of 2 rows hold the text of a special token, which the tokenizer encodes as that token, not as text "
             f"(first: {tmp_path / 'chat.jsonl'}:1: data.system_prompt holds '</s>')") in said, said
+    # a system message the chat template leaves out (Mistral v0.3's) is said as SFT's is (no warning on the old code)
+    from test_data_checks import SYSTEM_IN_LAST_USER_TURN
+
+    tok.chat_template = SYSTEM_IN_LAST_USER_TURN
+    write_jsonl(tmp_path / "left.jsonl", [{"prompt": [{"role": "user", "content": "1+1?"}], "completion": "2",
+                                           "label": True},
+                                          {"prompt": [{"role": "system", "content": "Be terse."},
+                                                      {"role": "user", "content": "1+2?"}], "completion": "4",
+                                           "label": False}])
+    for data, first in ((cfg, "1 of 2 conversations (first: {}:2: prompt[0])"),
+                        (cfg.model_copy(update={"system_prompt": "Be brief."}),
+                         "2 of 2 conversations (first: {}:1: data.system_prompt)")):
+        said = " ".join(describe_stats(load_unpaired(tok, str(tmp_path / "left.jsonl"), None, data, 2, cache=False)[1],
+                                       data))
+        assert "the chat template leaves the system message out of " + first.format(tmp_path / "left.jsonl") in said

@@ -943,7 +943,8 @@ def test_a_special_token_s_text_in_a_conversation_pair_s_message_is_warned_of_as
     """'</s>' (the tiny Llama's end of turn, as ChatML's '<|im_end|>') typed into a message of a conversation pair is
     read as the token itself: the data warning `count_examples` gives an SFT conversation names the pair's line and
     field, in the row's words (no warning on the old code); a pair of plain messages has none. data.system_prompt
-    holding such text is said of each pair it opens, as in SFT (no warning on the old code)."""
+    holding such text is said of each pair it opens, as in SFT (no warning on the old code); and so is a system
+    message the chat template leaves out."""
     from peftkit.data.checks import describe_stats
 
     tok, cfg = _tok(tiny_llama), DataConfig(train="x", format="preference")
@@ -965,3 +966,17 @@ def test_a_special_token_s_text_in_a_conversation_pair_s_message_is_warned_of_as
     said = " ".join(describe_stats(load_pairs(tok, str(tmp_path / "own.jsonl"), None, given)[1], given))
     assert f"1 of 2 rows hold the text of a special token, which the tokenizer encodes as that token, not as text " \
            f"(first: {tmp_path / 'own.jsonl'}:1: data.system_prompt holds '</s>')" in said, said
+    # a system message the chat template leaves out (Mistral v0.3's) is said as SFT's is (no warning on the old code):
+    # a pair's own (an implicit prompt's, named in its chosen answer's words), data.system_prompt where it opens one
+    from test_data_checks import SYSTEM_IN_LAST_USER_TURN
+
+    tok.chat_template = SYSTEM_IN_LAST_USER_TURN
+    system = [{"role": "system", "content": "Be terse."}, *ask]
+    write_jsonl(tmp_path / "left.jsonl", [{"prompt": ask, "chosen": "2", "rejected": "3"},
+                                          {"chosen": [*system, {"role": "assistant", "content": "2"}],
+                                           "rejected": [*system, {"role": "assistant", "content": "3"}]}])
+    for data, first in ((cfg, "1 of 2 conversations (first: {}:2: chosen[0])"),
+                        (cfg.model_copy(update={"system_prompt": "Be brief."}),
+                         "2 of 2 conversations (first: {}:1: data.system_prompt)")):
+        said = " ".join(describe_stats(load_pairs(tok, str(tmp_path / "left.jsonl"), None, data, cache=False)[1], data))
+        assert "the chat template leaves the system message out of " + first.format(tmp_path / "left.jsonl") in said

@@ -225,7 +225,7 @@ def build_pairs(tok, source: str | list, split: str | None, cfg: DataConfig,
     rows, skipped, line_numbers, name = read_rows(source, split, cfg)
     stats = new_stats(len(rows), skipped)
     where = [row_location(name, i, line_numbers) for i in range(len(rows))]
-    split_rows, fmt, first = [], None, None
+    split_rows, kept, fmt, first = [], [], None, None
     for row, at in zip(rows, where, strict=True):
         split = split_pair(row) if isinstance(row, dict) else None  # (a good row's split once, not checked first)
         alike = _alike_but_for_eos(tok, split)
@@ -243,6 +243,7 @@ def build_pairs(tok, source: str | list, split: str | None, cfg: DataConfig,
             _count_special_messages(tok, row, ("prompt", *ANSWERS), at, stats, opening_system_prompt(cfg, pair[0]))
         task = {"task": row["task"]} if tasks and "task" in row else {}  # (row_task checks it as the answers build)
         split_rows.append((at, [answer | task for answer in pair]))
+        kept.append(row)
     stats["form"] = fmt  # (manifest.json's data_form: `generate --prompt` reads it where the rows are a hub dataset's)
     if not split_rows:
         return [], stats, name, line_numbers
@@ -263,6 +264,9 @@ def build_pairs(tok, source: str | list, split: str | None, cfg: DataConfig,
     doubled = Locations(at for at, _ in split_rows for _ in ANSWERS)
     doubled.parts = []
     built = list(_built_examples(tok, answers, own, name, doubled, range(len(answers)), tasks))
+    if fmt == "chat":  # (once built: a row whose system message the template refuses is an error naming it first)
+        for (at, _), row, i in zip(split_rows, kept, range(0, len(answers), 2), strict=True):
+            _count_left_out(tok, answers[i:i + 2], ANSWERS, at, stats, row)
     return list(zip(built[::2], built[1::2], strict=True)), stats, name, line_numbers
 
 
@@ -348,6 +352,23 @@ def _count_special_messages(tok, row: dict, keys: tuple[str, ...], at: str, stat
                     else found.replace("messages[", f"{key}[", 1))
             stats["special_text_rows"] += 1
             stats["special_text_first"] = stats["special_text_first"] or f"{at}: {said}"
+            return
+
+
+def _count_left_out(tok, answers: list[dict], keys: tuple[str, ...], at: str, stats: dict, row: dict) -> None:
+    """A conversation row (a pair's, KTO's) whose system message the chat template leaves out of an answer's rendering
+    (`peftkit.data.examples.left_out`: Mistral v0.3's writes it into the last user turn only), counted in `stats` as
+    `count_examples` counts such SFT conversations (the same warning), named in the row's words (`prompt[0]`, or
+    `data.system_prompt`). `answers`: the row's answers' conversations as built (data.system_prompt in place), one a
+    key of `keys`; `row`: the row's fields (its `prompt`, the messages the answers' conversations open with)."""
+    from peftkit.data.examples import left_out
+
+    opening = len(row["prompt"]) if isinstance(row.get("prompt"), list) else 0
+    for key, answer in zip(keys, answers, strict=True):
+        if left := left_out(tok, answer):
+            stats["dropped_message_rows"] += 1
+            said = _in_row_words(left, opening, key, row)
+            stats["dropped_message_first"] = stats["dropped_message_first"] or f"{at}: {said}"
             return
 
 

@@ -30,8 +30,8 @@ from peftkit.data.conversations import check_chat_tokenizer
 from peftkit.data.examples import _built_examples, _TargetCuts, check_eos, no_examples_error, truncation_error
 from peftkit.data.formats import TRAIN, TRAIN_KEYS, _row_problem, _with_call_arguments, _without_empty_calls, format_rows
 from peftkit.data.preference import (PairCollator, Pairs, _count_default_system_prompts, _count_doubled_specials,
-                                     _count_special_messages, _in_row_words, _keep, new_stats, one_eos,
-                                     opening_system_prompt)
+                                     _count_left_out, _count_special_messages, _in_row_words, _keep, new_stats,
+                                     one_eos, opening_system_prompt)
 from peftkit.data.rows import Locations, row_location
 from peftkit.data.sources import read_rows
 from peftkit.data.stored import Examples
@@ -212,6 +212,9 @@ def build_unpaired(tok, source: str | list, split: str | None, cfg: DataConfig, 
     doubled = Locations(at for at, *_ in kept for _ in range(2))
     doubled.parts = []
     built = list(_built_examples(tok, both, own, name, doubled, range(len(both)), tasks))
+    if fmt == "chat":  # (once built: a row whose system message the template refuses is an error naming it first)
+        for (at, (prompt, *_), _, _), own_row in zip(kept, both[::2], strict=True):
+            _count_left_out(tok, [own_row], ("completion",), at, stats, {"prompt": prompt})
     return list(zip(built[::2], built[1::2], strict=True)), [label for _, _, label, _ in kept], stats, name, line_numbers
 
 
