@@ -5,7 +5,7 @@ over it, or from flags alone. `peftkit.evaluate` runs a job."""
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from peftkit.decoding import Sampling
@@ -174,9 +174,9 @@ def _from_the_start(job: EvalJob) -> None:
 
         if objective_of(job).needs_reference:
             return
-    from peftkit.start_eval import title
+    from peftkit.start_eval import from_the_start
 
-    job.source, job.start = replace(job.source, adapter=job.init_from), title(True, job.init_from)
+    job.source, job.start = from_the_start(job.source, job.init_from)
 
 
 def _apply_data_flags(job: EvalJob, recipe: Path | None, data: str | None, fmt: str | None, max_length: int | None,

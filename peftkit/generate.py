@@ -46,6 +46,9 @@ class GenerateJob:
     arrow: ArrowSettings | None = None
     """--arrow: route each token among the named adapters (`NamedAdapters.arrow`); `general` names GenKnowSub's."""
     general: list[str] = field(default_factory=list)
+    start: str | None = None
+    """The title of a recipe's start where the source is it (adapter.init_from: `peftkit.start_eval.from_the_start`),
+    said on generate's first line."""
 
     def build_prompts(self, tok) -> list[Prompt]:
         if self.data:
@@ -95,13 +98,13 @@ def generate_job(recipe: Path | None, overrides: list[str], model: str | None, a
                            "rows are rendered with the chat template already). Drop --chat, or give --prompt TEXT.")
     check_choices(fmt, None)
     _check_inputs(inputs or [], prompts, fmt)
-    source, cfg = model_source(recipe, overrides, model, adapter, trust_remote_code, "generate")
+    source, cfg, start = model_source(recipe, overrides, model, adapter, trust_remote_code, "generate")
     run = recipe if cfg is not None else _run_of(adapter)  # (a run's --adapter RUN_DIR: its recipe.yaml says)
     if prompts and not chat and fmt is None:
         _warn_if_untemplated(run, cfg.data if cfg is not None else _run_data(run), prompts, source.adapter)
     job = GenerateJob(source=source, prompts=prompts, chat=chat, instructions=bool(prompts) and fmt == "alpaca",
                       limit=limit, sampling=sampling, batch_size=batch_size, task=task, adapters=adapters, route=route,
-                      arrow=arrow, general=list(general or []), inputs=list(inputs or []))
+                      arrow=arrow, general=list(general or []), inputs=list(inputs or []), start=start)
     if cfg is not None:
         job.data_cfg = cfg.data
         if not prompts and not data:

@@ -283,12 +283,20 @@ def _json(file: Path) -> dict:
 
 
 def model_source(recipe: Path | None, overrides: list[str], model: str | None, adapter: str | None,
-                 trust_remote_code: bool, command: str) -> tuple[ModelSource, Recipe | None]:
-    """What `peftkit COMMAND` runs: a recipe's model (a run directory's with its adapter/) with --model and
-    --adapter on top, or those flags alone; and the recipe, if any."""
+                 trust_remote_code: bool, command: str) -> tuple[ModelSource, Recipe | None, str | None]:
+    """What `peftkit COMMAND` (generate, chat) runs: a recipe's model (a run directory's with its adapter/; a recipe
+    with adapter.init_from, its run's start, the base with that adapter, as the run's samples before training answer)
+    with --model and --adapter on top, or those flags alone; the recipe, if any; and the title of the recipe's start
+    where that runs (`peftkit.start_eval.from_the_start`), else None."""
+    start = None
     if recipe is not None:
+        from peftkit.start_eval import from_the_start
+
         cfg, run_adapter = recipe_source(recipe, overrides, named=bool(model or adapter), trust_remote_code=trust_remote_code)
-        source = ModelSource.of_recipe(cfg, run_adapter).with_flags(model, adapter, trust_remote_code)
+        source = ModelSource.of_recipe(cfg, run_adapter)
+        if not (model or adapter):
+            source, start = from_the_start(source, cfg.adapter.init_from)
+        source = source.with_flags(model, adapter, trust_remote_code)
     else:
         if not model and not adapter:
             raise PeftkitError(f"peftkit {command} needs a model: --model M (and/or --adapter DIR), or a RECIPE or "
@@ -305,7 +313,7 @@ def model_source(recipe: Path | None, overrides: list[str], model: str | None, a
         raise PeftkitError(f"{source.describe()} is a sequence classifier: it predicts a label and generates no text, "
                            f"so there is nothing for peftkit {command} to do. Score it with `peftkit eval` (loss, "
                            "accuracy, macro_f1).")
-    return source, cfg
+    return source, cfg, start
 
 
 def check_base_is_there(source: ModelSource, recipe: Path | None) -> None:

@@ -15,6 +15,7 @@ read as written, and `peftkit verify` re-runs them so (`AS_BASE`).
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 BASE = "base_eval_"
@@ -65,3 +66,21 @@ def shown(path: str) -> str:
     if pinned := pinned_reference(path):
         return pinned
     return f"{local.parent.name}/{local.name}" if local.name == "adapter" else local.name
+
+
+def from_the_start(source, init_from: str | None) -> tuple:
+    """(source, title): a recipe's model source (`peftkit.inference.ModelSource`) without an adapter of its own, as the
+    recipe's run starts: with `init_from` (its adapter.init_from) as its adapter, titled as train titles its figures and
+    samples before training (`title`); unchanged and None without init_from or where the source has an adapter (a run
+    directory's adapter/). `peftkit eval RECIPE`, `generate RECIPE` and `chat RECIPE` run this model (the bare base, a
+    model no run of the recipe starts from: `--set adapter.init_from=null`)."""
+    if not init_from or source.adapter is not None:
+        return source, None
+    return replace(source, adapter=init_from), title(True, init_from)
+
+
+def said(start: str) -> str:
+    """The first line of `peftkit eval`, `generate` or `chat` of a recipe's start (`from_the_start`'s `start` title):
+    what runs, and how to run the bare base instead."""
+    return (f"{start}: the base with the recipe's adapter.init_from, as train evaluates it before training (the bare "
+            "base: --set adapter.init_from=null)")

@@ -283,6 +283,27 @@ def test_an_init_from_run_is_evaluated_from_the_adapter_it_starts_from(tiny_llam
                                         "train evaluates it before training (the bare base: --set "
                                         "adapter.init_from=null)\n"), said["recipe"][1]
     assert "init_from" not in said["adapter"][1] + said["bare"][1]
+    # `generate RECIPE` and `chat RECIPE` answer with the same start, as the run's samples before training did (they
+    # answered with the bare base): `generate --adapter DIR`'s answers, said so; --set adapter.init_from=null the bare
+    # base's, which differ. (A DPO or KTO recipe's too: their runs' samples are the start's; only eval keeps init_from
+    # as their reference.)
+    line = "start (init_from: sft): the base with the recipe's adapter.init_from, as train evaluates it before training"
+    answers = {}
+    data = ["--data", str(number_data["eval"]), "--format", "alpaca"]
+    for name, flags, of_data in (("recipe", [str(recipe)], []),
+                                 ("bare", [str(recipe), "--set", "adapter.init_from=null"], []),
+                                 ("adapter", ["--adapter", str(tmp_path / "sft")], data)):
+        done = runner.invoke(app, ["generate", *flags, *of_data, "--limit", "2", "--max-new-tokens", "4", "--json",
+                                   str(tmp_path / f"{name}.generated.json")])
+        assert done.exit_code == 0, done.output
+        assert done.output.startswith(line) == (name == "recipe"), done.output
+        answers[name] = [a["completion"] for a in json.loads((tmp_path / f"{name}.generated.json").read_text())]
+        chatted = runner.invoke(app, ["chat", *flags, "--max-new-tokens", "4"], input="12+3=\n")
+        assert chatted.exit_code == 0, chatted.output
+        assert chatted.output.startswith(line) == (name == "recipe"), chatted.output
+        answers[name].append(chatted.output.split("model> ", 1)[1])
+    assert answers["recipe"] == answers["adapter"] and all(map(str.__ne__, answers["recipe"], answers["bare"])), answers
+    assert answers["recipe"][:2] == [s["start"] for s in samples], (answers, samples)
 
     # A run as peftkit made them before 7 December 2026 (verify's re-run of one evaluates the bare base too).
     older, _, older_out = run("older", **{AS_BASE: "1"})

@@ -59,9 +59,9 @@ def evaluate_and_print(job, sets: dict, json_out: Path | None, predictions: Path
     from peftkit.fileio import atomic_write_json
 
     if job.start:  # (a recipe's adapter.init_from: `eval_job._from_the_start`)
-        said_beside(json_out, predictions).print(
-            f"{job.start}: the base with the recipe's adapter.init_from, as train evaluates it before training (the "
-            "bare base: --set adapter.init_from=null)", markup=False, highlight=False, soft_wrap=True)
+        from peftkit.start_eval import said
+
+        said_beside(json_out, predictions).print(said(job.start), markup=False, highlight=False, soft_wrap=True)
     if sets:
         results = evaluate_sets(sets)  # the model loads once, for every set
         for name, result in results.items():

@@ -267,6 +267,10 @@ def generate(
                        [typed(text) for text in input_ or []])
     if json_out is not None:  # and what the recipe gives: its data.eval, a run's adapter/
         check_json_out(json_out, "--json", inputs + job_inputs(job), "completions.json")
+    if job.start:  # (a recipe's adapter.init_from: `peftkit.start_eval.from_the_start`)
+        from peftkit.start_eval import said
+
+        said_beside(json_out).print(said(job.start), markup=False, highlight=False, soft_wrap=True)
 
     def show(prompts, completions) -> None:
         from peftkit.decoding import blank_answer
@@ -333,8 +337,12 @@ def chat(
         raise PeftkitError("peftkit chat runs one adapter: give --adapter once, or route each token among several "
                            "NAME=DIR adapters with --arrow.")
     single, named = fetched(single, named)  # (hub adapters downloaded once the flags are known to be right)
-    source, cfg = model_source(recipe, overrides or [], model_path(model),
-                               single or (named[0][1] if named else None), trust_remote_code, "chat")
+    source, cfg, start = model_source(recipe, overrides or [], model_path(model),
+                                      single or (named[0][1] if named else None), trust_remote_code, "chat")
+    if start:  # (a recipe's adapter.init_from: `peftkit.start_eval.from_the_start`)
+        from peftkit.start_eval import said
+
+        console.print(said(start), markup=False, highlight=False, soft_wrap=True)
     tok = source.tokenizer()
     if settings is not None:
         warn_arrow_templates(source, named)
