@@ -631,7 +631,8 @@ def test_hub_experts_train_offline_record_their_commit_and_a_moved_branch_is_nam
                                                                                    tmp_path, monkeypatch):
     """Experts named by hub id (`acme/expert-0`, read offline from a Hugging Face cache laid out as the hub client
     writes it) train, and the run records the commit each was read at: its recipe.yaml pins it
-    (`acme/expert-0@COMMIT`), adapter_config.json names the commit's snapshot, and the export holds its copy. Once
+    (`acme/expert-0@COMMIT`), adapter_config.json names its hub id, which peft loads (with peftkit's logits) on any
+    machine (it named the commit's snapshot in this machine's cache), and the export holds its copy. Once
     expert-1's main moves to a commit with another lora_B, `--resume` is refused naming the moved branch and the pin
     (before: 'holds a run of a different recipe (its recipe.yaml differs in adapter.adapters.1)', which the user did
     not change; and that refused resume rewrote the run's recipe.yaml, which verify then reported changed), and the
@@ -656,10 +657,17 @@ def test_hub_experts_train_offline_record_their_commit_and_a_moved_branch_is_nam
                                 training={"max_steps": 2, "save_steps": 2, "lr": 5e-2}, eval={"base_model": False})
     train(load_recipe(recipe_file), console=Console(quiet=True))
     run = tmp_path / "run"
-    snapshots = {n: str(cache / f"models--acme--expert-{n}" / "snapshots" / first) for n in experts}
     assert yaml.safe_load((run / "recipe.yaml").read_text())["adapter"]["adapters"] == {
         n: f"acme/expert-{n}@{first}" for n in experts}
-    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["adapters"] == snapshots
+    # adapter_config.json names each expert by its hub id, which peft loads on any machine (it named the snapshot in
+    # this machine's cache, a path peft takes for a hub id elsewhere, and fails), and peft loads the export so, the
+    # experts from the hub (here the cache, offline), with peftkit's logits
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["adapters"] == {
+        n: f"acme/expert-{n}" for n in experts}
+    theirs = PeftModel.from_pretrained(_base(tiny_llama), run / "adapter").eval()
+    ours = load_adapted_model(None, str(run / "adapter"))[0].eval()
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=IDS).logits, theirs(input_ids=IDS).logits)
     assert (run / "adapter" / "1" / "adapter_model.safetensors").read_bytes() == \
         (Path(experts["1"]) / "adapter_model.safetensors").read_bytes()
     recorded = (run / "recipe.yaml").read_bytes()

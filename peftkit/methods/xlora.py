@@ -21,8 +21,8 @@ Linear and Conv1D layers (DoRA, which peft refuses in its X-LoRA forward too, lo
 variants are refused). peft 0.21.2 names them by position ("0", "1", ...: other names fail in its
 disable_adapter_layers with a KeyError), so the recipe's `adapters` must too.
 
-Saved as peft loads it: adapter_config.json (peft_type XLORA, `adapters` the experts' directories, the classifier's
-settings) and adapter_model.safetensors with the classifier alone, `base_model.internal_xlora_classifier.layers.<i>.
+Saved as peft loads it: adapter_config.json (peft_type XLORA, `adapters` the experts as peft loads them: a local
+one's directory, a hub one's id, `_loadable`; the classifier's settings) and adapter_model.safetensors with the classifier alone, `base_model.internal_xlora_classifier.layers.<i>.
 weight/.bias` (nn.Sequential's indices: 0 and 3 at depth 2 with dropout); and a copy of each expert, in the
 subdirectory of its name (`XLora.save_sources`), which peftkit.json names relative to the export: peftkit reads the
 copies wherever the directory moves. peft 0.21.2 reads the experts where `adapters` says (its `adapters=` argument to
@@ -276,7 +276,7 @@ class XLora(Method):
         settings = cfg.model_dump(exclude={"method", "init_from", "adapters"})
         return {"peft_type": cls.peft_type, "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
                 "inference_mode": True, "revision": None,
-                "adapters": {n: str(Path(p).resolve()) for n, p in cfg.adapters.items()}} | settings
+                "adapters": {n: _loadable(p) for n, p in cfg.adapters.items()}} | settings
 
     @classmethod
     def model_facts(cls, cfg: XLoraConfig, model_config: Any) -> dict:
@@ -354,7 +354,7 @@ class XLora(Method):
         in a hub repository), its directory's files byte for byte: what the classifier was trained with, wherever the
         export moves and whatever becomes of the experts' own directories. peftkit.json's `experts` names the copies
         relative to the export, and peftkit reads them (`_copied_experts`); adapter_config.json's `adapters` still
-        records the experts' own directories, as the recipe names them (where peft looks by default)."""
+        records the experts as the recipe names them (where peft looks by default: `_loadable`)."""
         import shutil
 
         for name, source in cfg.adapters.items():
@@ -418,6 +418,20 @@ class XLora(Method):
             for name, p in layer.adapter_params().items():
                 if name.startswith(CLASSIFIER):
                     p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
+def _loadable(path: str) -> str:
+    """An expert as adapter_config.json's `adapters` records it, what peft 0.21.2 loads there (LoraConfig.from_pretrained
+    and load_peft_weights of the value, at no revision): a local expert's directory, absolute; a hub expert's id,
+    `user/name` (`user/name/SUBFOLDER`, as peftkit names it), not the snapshot in this machine's cache that the recipe
+    resolved it to, a path on no other machine (peft took it for a hub id there, and failed). peft reads no revision in
+    `adapters`: the commit the classifier was trained with is pinned in the run's recipe.yaml (`user/name@COMMIT`), and
+    its files are the export's copy (`save_sources`)."""
+    from peftkit.hub import pinned_reference
+
+    if pinned := pinned_reference(path):
+        return pinned.rpartition("@")[0]
+    return str(Path(path).resolve())
 
 
 def _copied_experts(directory: Path, recorded: dict[str, str], config_file: Path) -> dict[str, str] | None:
