@@ -66,9 +66,10 @@ def _shown(name: str, hub: bool) -> str:
 
 
 def _named(adapter: dict) -> dict:
-    """The adapter keys with the directories it started from (init_from, fuse, source_adapter) by their names: a
-    local path says nothing on the Hub (a hub id stays as it is)."""
+    """The adapter keys with the directories it started from (init_from, fuse, source_adapter, X-LoRA's experts,
+    `adapters`) by their names (`shown`): a local path says nothing on the Hub (a hub id stays as it is)."""
     return {key: ([shown(v) for v in value] if key == "fuse" and isinstance(value, list) else
+                  {name: shown(v) for name, v in value.items()} if key == "adapters" and isinstance(value, dict) else
                   shown(value) if key in ("init_from", "source_adapter") and isinstance(value, str) else value)
             for key, value in adapter.items()}
 

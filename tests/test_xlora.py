@@ -668,6 +668,9 @@ def test_hub_experts_train_offline_record_their_commit_and_a_moved_branch_is_nam
     ours = load_adapted_model(None, str(run / "adapter"))[0].eval()
     with torch.no_grad():
         assert torch.equal(ours(input_ids=IDS).logits, theirs(input_ids=IDS).logits)
+    card = (run / "adapter" / "README.md").read_text()  # (its settings named the snapshots too)
+    assert str(cache) not in card and f"  adapters:\n    '0': acme/expert-0@{first}\n    '1': acme/expert-1@{first}\n" \
+        in card, card
     assert (run / "adapter" / "1" / "adapter_model.safetensors").read_bytes() == \
         (Path(experts["1"]) / "adapter_model.safetensors").read_bytes()
     recorded = (run / "recipe.yaml").read_bytes()
