@@ -51,6 +51,10 @@ class ModelSource:
     chat_template: str | None = None
     """The recipe's data.chat_template, which the tokenizer gets in place of its own (kept under --model: the
     recipe's data and its run's adapter were rendered with it); None without a recipe (`tokenizer`)."""
+    adapter_template: bool = True
+    """Whether the chat template an adapter carries (a run's adapter/chat_template.jinja) renders the prompts where
+    `chat_template` is None. Not for a recipe's start (`peftkit.start_eval.from_the_start`): its run renders in the
+    recipe's template (the base tokenizer's own), whatever adapter.init_from was trained with."""
     added: dict = field(default_factory=dict, repr=False, compare=False)
     """`added_tokens`' answers for this command, by the base tokenizer they were found against (shared by the
     copies `here` makes): the tokenizer and the model each need them."""
@@ -199,7 +203,8 @@ class ModelSource:
             cfg = cfg.model_copy(update={"add_tokens": self.added_tokens(self.adapter, cfg)})
         if cfg is None:
             raise PeftkitError("No model to load: pass --model, or --adapter with a recorded base model.")
-        return self.tokenizers.read(cfg, self.chat_template or adapter_template(adapter))
+        return self.tokenizers.read(cfg, self.chat_template or (adapter_template(adapter) if self.adapter_template
+                                                                else None))
 
     def loading_tokenizer(self):
         """What loading the model (without adapter) reads of its tokenizer, from `tokenizers`: model.add_tokens' rows,

@@ -73,10 +73,12 @@ def from_the_start(source, init_from: str | None) -> tuple:
     recipe's run starts: with `init_from` (its adapter.init_from) as its adapter, titled as train titles its figures and
     samples before training (`title`); unchanged and None without init_from or where the source has an adapter (a run
     directory's adapter/). `peftkit eval RECIPE`, `generate RECIPE` and `chat RECIPE` run this model (the bare base, a
-    model no run of the recipe starts from: `--set adapter.init_from=null`)."""
+    model no run of the recipe starts from: `--set adapter.init_from=null`). Its prompts are rendered as the run renders
+    them, in the recipe's chat template (the base tokenizer's own without data.chat_template), not in one init_from
+    carries (chat_template.jinja)."""
     if not init_from or source.adapter is not None:
         return source, None
-    return replace(source, adapter=init_from), title(True, init_from)
+    return replace(source, adapter=init_from, adapter_template=False), title(True, init_from)
 
 
 def said(start: str) -> str:

@@ -314,3 +314,29 @@ def test_an_init_from_run_is_evaluated_from_the_adapter_it_starts_from(tiny_llam
     assert json.loads((older_out / "manifest.json").read_text())["losses"] == \
         json.loads((out / "manifest.json").read_text())["losses"]
     assert verify(older_out, console=Console(quiet=True)).ok
+
+
+def test_the_start_of_an_init_from_recipe_is_prompted_in_the_run_s_chat_template(tiny_llama, number_data, tmp_path):
+    """`generate RECIPE`, `chat RECIPE` and `eval RECIPE` of an adapter.init_from recipe run its start as the run does,
+    prompts rendered in the recipe's chat template (here none: the base tokenizer's own), not in the one init_from
+    carries (chat_template.jinja, from its run's data.chat_template), which they used."""
+    from peft import LoraConfig, get_peft_model
+
+    from peftkit.decoding import Sampling
+    from peftkit.eval_job import eval_job
+    from peftkit.generate import generate_job
+
+    config = LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"])
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), config).save_pretrained(tmp_path / "sft")
+    (tmp_path / "sft" / "chat_template.jinja").write_text(
+        "{% for m in messages %}[{{ m.role }}]{{ m.content }}</s>{% endfor %}{% if add_generation_prompt %}[assistant]"
+        "{% endif %}")
+    recipe = _init_recipe(tmp_path, tiny_llama, number_data, {"init_from": str(tmp_path / "sft")})
+    run, _ = _step0(recipe, tmp_path)
+    job = generate_job(recipe, [], None, None, ["hi"], None, None, True, None, Sampling(), 8)
+    assert job.start == "start (init_from: sft)" and job.source.adapter == str(tmp_path / "sft")
+    asked = job.build_prompts(job.source.tokenizer())[0].text
+    assert asked == run.tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                                add_generation_prompt=True) and "[user]" not in asked, asked
+    evaluated = eval_job(recipe, [], None, None, None, None, None, None, None)
+    assert evaluated.start and evaluated.source.tokenizer().chat_template == run.tok.chat_template
