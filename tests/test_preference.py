@@ -478,7 +478,8 @@ def test_eval_of_a_dpo_run_from_init_from_takes_that_adapter_as_the_reference(ti
     """With adapter.init_from the reference is that adapter over the base, as in training: `peftkit eval RUN_DIR`
     gives the run's last evaluation, where the base as the reference (the adapter given alone) gives others. The
     samples' answers before training are that adapter's too (`start`), as `peftkit generate --adapter` answers (they
-    were the bare base's, `base`); no figure before training (DPO's loss against its own reference is log 2)."""
+    were the bare base's, `base`), and `peftkit generate RECIPE`; no figure before training (DPO's loss against its
+    own reference is log 2)."""
     from typer.testing import CliRunner
 
     from conftest import save_random_adapter
@@ -500,6 +501,13 @@ def test_eval_of_a_dpo_run_from_init_from_takes_that_adapter_as_the_reference(ti
     assert done.exit_code == 0, done.output
     answers = [row["completion"] for row in json.loads((tmp_path / "start.json").read_text())]
     assert [s["start"] for s in summary["samples"]] == answers and all("base" not in s for s in summary["samples"])
+    # `peftkit generate RECIPE` answers with that start too (the bare base's answers, before), said on its first line;
+    # eval RECIPE keeps init_from as the reference
+    done = CliRunner().invoke(app, ["generate", str(recipe), "--max-new-tokens", "4", "--limit", "2", "--json",
+                                    str(tmp_path / "of_recipe.json")])
+    assert done.exit_code == 0 and done.output.startswith("start (init_from: sft): the base with the recipe's "), \
+        done.output
+    assert [row["completion"] for row in json.loads((tmp_path / "of_recipe.json").read_text())] == answers
     last, run = _last_eval(tmp_path / "run"), tmp_path / "run"
     figures, _ = _eval_json(tmp_path, str(run))
     for name in FIGURES:
