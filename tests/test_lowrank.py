@@ -287,3 +287,35 @@ def test_a_4bit_base_the_fused_node_cannot_read_keeps_the_modules(threads):
     layer = _nf4_lora_layer()
     layer.base_layer.weight.quant_state.packing_format_for_cpu = True
     assert not fusable(layer.base_layer, layer.factors, x)
+
+
+# --------------------------------------------------------------------------------------------- grouped_lora
+
+
+def test_grouped_node_matches_each_group_s_dense_product(threads):
+    """A mixture's experts' product, x_g @ (W_g + s lhs_g rhs_g) for each group g of x's rows, as one node: values and
+    the gradients of x and both factors equal each group's dense product computed apart in float64, over groups of 5,
+    0 (an expert no token chose: its factors' gradient is zero), 7 and 3 rows and 2 rows past the last group's end,
+    which grouped_mm leaves out (an expert-parallel sentinel's)."""
+    from peftkit.methods.lowrank import frozen_fusable, grouped_lora
+
+    threads(1)
+    torch.manual_seed(0)
+    x, weight = torch.randn(17, 24), torch.randn(4, 24, 40).requires_grad_(False)  # (W_g: K 24 -> N 40, frozen)
+    lhs, rhs = torch.randn(4, 24, 8).requires_grad_(), torch.randn(4, 8, 40).requires_grad_()
+    offs, grad_out = torch.tensor([5, 5, 12, 15], dtype=torch.int32), torch.randn(17, 40)
+    x.requires_grad_()
+    assert frozen_fusable(x, weight, lhs)
+    out = grouped_lora(x, weight, lhs, rhs, 0.75, offs, F.grouped_mm)
+    assert "_GroupedLoraBackward" in _graph_nodes(out)
+    (out[:15] * grad_out[:15]).sum().backward()
+    x64, lhs64, rhs64 = (t.detach().double().requires_grad_() for t in (x, lhs, rhs))
+    dense = torch.cat([x64[a:b] @ (weight[g].double() + 0.75 * lhs64[g] @ rhs64[g])
+                       for g, (a, b) in enumerate([(0, 5), (5, 5), (5, 12), (12, 15)])])
+    (dense * grad_out[:15].double()).sum().backward()
+    for got, want in zip((out[:15], x.grad[:15], lhs.grad, rhs.grad), (dense, x64.grad[:15], lhs64.grad, rhs64.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-6 * float(want.detach().abs().max()))
+    assert lhs.grad[1].abs().max() == 0 and rhs.grad[1].abs().max() == 0 and lhs.grad[0].abs().max() > 0
+    assert not frozen_fusable(x, weight.requires_grad_(), lhs)  # (a weight that trains: grouped_mm gives its gradient)
+    threads(MAX_THREADS + 1)  # not measured there: grouped_mm's separate products
+    assert not frozen_fusable(x, weight.requires_grad_(False), lhs)

@@ -101,17 +101,31 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.fixture
+def threads():
+    """Set torch's thread count for one test, restored afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("implementation", ["grouped_mm", "eager", "batched_mm"])
-def test_each_experts_implementation_gives_peft_s_step_through_the_factors(implementation, mixtral, tmp_path):
+def test_each_experts_implementation_gives_peft_s_step_through_the_factors(implementation, mixtral, tmp_path, threads):
     """transformers 5 runs the experts by `config._experts_implementation`: grouped_mm (its default), eager (a loop
     over the experts, F.linear on each one's slice) or batched_mm (each token's experts' weights gathered). On each, a
     training step's loss and gradients are peft's (which computes with W + s B A made whole). On the first two no
     adapted stack is made (no baddbmm: each expert's update is applied to its routed tokens through the factors,
-    `FactoredWeight`); batched_mm's gather is a use the factors do not serve, and gets W + s B A whole, as peft's."""
+    `FactoredWeight`); batched_mm's gather is a use the factors do not serve, and gets W + s B A whole, as peft's.
+    On CPU's fast path (up to MAX_THREADS threads) each expert call runs as one node, grouped_mm's as
+    `lowrank.grouped_lora`, eager's F.linear as LoRA on a Linear layer does (`lowrank.linear_lora`: q_proj's two and
+    one an expert a layer); the separate products of more threads are checked on each product below."""
     from peft import PeftModel
 
     from peftkit.adapter_base import load_adapted_model
+    from peftkit.methods.lowrank import MAX_THREADS
+    from tests.test_lowrank import _graph_nodes
 
+    threads(MAX_THREADS)
     adapter = _peft_adapter(mixtral, tmp_path / "peft", target_modules=["q_proj"], target_parameters=EXPERTS)
     theirs = PeftModel.from_pretrained(_load(mixtral), adapter, is_trainable=True).train()
     theirs.base_model.model.set_experts_implementation(implementation)
@@ -130,6 +144,55 @@ def test_each_experts_implementation_gives_peft_s_step_through_the_factors(imple
     assert abs(float(our_loss - loss)) <= 1e-6 and grads.keys() == expected.keys() and len(grads) == 12
     assert max((grads[n] - expected[n]).abs().max() for n in grads) <= 1e-6
     assert ("baddbmm" in ops.names) == (implementation == "batched_mm")
+    assert ("_GroupedLoraBackward" in _graph_nodes(our_loss)) == (implementation == "grouped_mm")
+    assert (_fused_nodes(our_loss) > 2) == (implementation == "eager")
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "separate"])
+def test_each_product_of_a_factored_weight_is_the_dense_one_s(fused, threads):
+    """The products transformers' experts make of their weight, through the factors (`FactoredWeight`), on an
+    is_transposed model's (E, in, out) layout and Mixtral's (E, out, in): values and the gradients of x and both
+    factors equal those of the same product with W + s lhs @ rhs made whole (<= 1e-6 relative): `x @ W[e]` and
+    F.grouped_mm(x, W) (is_transposed), `F.linear(x, W[e])` and F.grouped_mm(x, W.transpose(-2, -1)) (Mixtral), on
+    CPU's fast path (one node a call) and off it (separate products)."""
+    import torch.nn.functional as F
+
+    from peftkit.methods.factored_weight import FactoredWeight
+    from peftkit.methods.lowrank import MAX_THREADS
+    from tests.test_lowrank import _graph_nodes
+
+    threads(MAX_THREADS if fused else MAX_THREADS + 1)
+    torch.manual_seed(0)
+    w, lhs, rhs = torch.randn(3, 12, 20), torch.randn(3, 12, 4), torch.randn(3, 4, 20)  # (E, in, out), E 3, r 4
+    offs = torch.tensor([4, 4, 9], dtype=torch.int32)  # (groups of 4, 0 and 5 rows)
+    uses = {False: [lambda v, x: x @ v[2], lambda v, x: F.grouped_mm(x, v, offs=offs)],
+            True: [lambda v, x: F.linear(x, v[1]), lambda v, x: F.grouped_mm(x, v.transpose(-2, -1), offs=offs)]}
+    for mixtral, products in uses.items():
+        layout = [t.transpose(-2, -1).contiguous() for t in (w, rhs, lhs)] if mixtral else [w, lhs, rhs]
+        for use in products:
+            results = []
+            for factored in (True, False):
+                x, a, b = (t.clone().requires_grad_() for t in (torch.linspace(-2, 2, 9 * 12).reshape(9, 12),
+                                                               *layout[1:]))
+                out = use(FactoredWeight(layout[0], a, b, 0.5) if factored else layout[0] + 0.5 * a @ b, x)
+                (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+                results.append([out, x.grad, a.grad, b.grad])
+                nodes = _graph_nodes(out)
+                assert len(nodes & {"_FusedLoraBackward", "_GroupedLoraBackward"}) == (factored and fused)
+                assert not factored or not nodes & {"AddmmBackward0", "BaddbmmBackward0"}  # (W + s lhs rhs not made)
+            for got, want in zip(*results):
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-6 * float(want.detach().abs().max()))
+
+
+def _fused_nodes(tensor: torch.Tensor) -> int:
+    """The `_FusedLoraBackward` nodes of `tensor`'s graph, each counted once."""
+    seen, todo = set(), [tensor.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo += [next_node for next_node, _ in node.next_functions]
+    return sum(type(node).__name__ == "_FusedLoraBackward" for node in seen)
 
 
 def test_a_run_trains_the_experts_and_exports_what_peft_loads(mixtral, number_data, tmp_path):
@@ -153,19 +216,25 @@ def test_a_run_trains_the_experts_and_exports_what_peft_loads(mixtral, number_da
     assert (ours - _logits(_load(mixtral))).abs().max() > 1e-3
 
 
-def test_the_memory_estimate_bounds_what_autograd_keeps(mixtral):
-    """Each wrapper keeps each routed token's input and its r values, and the factors as grouped_mm takes them: measured
-    with saved_tensors_hooks, the estimate bounds it within 5 %. Not the adapted weight W + s B A, which the old forward
+def test_the_memory_estimate_bounds_what_autograd_keeps(mixtral, threads):
+    """Each wrapper keeps each routed token's input and its r values, and grouped_mm's separate products the factors as
+    they take them (r padded to 16 bytes): measured with saved_tensors_hooks, the estimate bounds that within 5 %. The
+    one node of CPU's fast path (`lowrank.grouped_lora`) keeps exactly each routed row's input and r values (and the
+    groups' ends, which grouped_mm's backward keeps too): less. Not the adapted weight W + s B A, which the old forward
     made whole (and peft's does), and kept until backward: less than the expert stacks' size is kept."""
+    from peftkit.methods.lowrank import MAX_THREADS
     from tests.test_memory import saved_and_estimated
 
-    (saved, estimated), (plain_saved, plain_estimated) = (
-        saved_and_estimated(mixtral, LoraConfig(r=2, target_modules=["q_proj"], target_parameters=parameters))
-        for parameters in (EXPERTS, None))
-    extra, bound = saved - plain_saved, estimated - plain_estimated
-    assert 0.95 * bound <= extra <= bound
-    stacks = sum(p.numel() for n, p in _load(mixtral).named_parameters() if "experts" in n)
-    assert extra < 4 * stacks
+    for fused in (False, True):
+        threads(MAX_THREADS if fused else MAX_THREADS + 1)
+        (saved, estimated), (plain_saved, plain_estimated) = (
+            saved_and_estimated(mixtral, LoraConfig(r=2, target_modules=["q_proj"], target_parameters=parameters))
+            for parameters in (EXPERTS, None))
+        extra, bound = saved - plain_saved, estimated - plain_estimated
+        rows = 2 * 16 * 2  # (2 x 16 tokens, 2 experts each) a layer; gate_up_proj's input 32 wide, down_proj's 64
+        assert extra == 4 * 2 * rows * ((32 + 2) + (64 + 2)) if fused else 0.95 * bound <= extra <= bound
+        stacks = sum(p.numel() for n, p in _load(mixtral).named_parameters() if "experts" in n)
+        assert extra <= bound and extra < 4 * stacks
 
 
 @pytest.mark.parametrize(("adapter", "message"), [

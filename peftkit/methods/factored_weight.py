@@ -15,6 +15,11 @@ The products read through the factors are those transformers 5's experts make of
 `is_transposed` model's eager experts) or `F.grouped_mm` / `torch._grouped_mm` (the default `grouped_mm` experts).
 Any other use of the tensor (transformers' `batched_mm`, a custom op) gets W + s lhs @ rhs made whole, in the weight's
 dtype and rounded once, as peft makes it; so does a read of `.T`, `.data` and the like.
+
+On CPU's fast path (`lowrank.frozen_fusable`: up to 2 threads, W frozen) each such product is one autograd node, as
+LoRA on a Linear layer is: an expert's F.linear or `x @ W_e` through `lowrank.linear_lora`, a grouped product through
+`lowrank.grouped_lora`; the update accumulates into the frozen product's output, where separate products made a
+full-size product of the update and a sum (and in backward, its gradient scaled by s and a sum of the input's two).
 """
 
 from __future__ import annotations
@@ -25,11 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_map
 
+from peftkit.methods.lowrank import frozen_fusable, grouped_lora, linear_lora
+
 # Attribute reads that are the same for W as for W + s lhs @ rhs (the factored tensor's storage is W's).
 _SAME_METADATA = {"dtype", "shape", "device", "ndim", "is_cuda", "is_cpu", "is_meta", "layout",
                   "is_sparse", "is_quantized", "is_nested", "names"}
 _SAME_METHODS = {"dim", "size", "numel", "data_ptr", "is_floating_point", "is_complex", "stride", "is_contiguous",
                  "element_size", "get_device", "storage_offset"}
+# `x @ W_e` reaches __torch_function__ as Tensor.matmul (Tensor.__matmul__ calls it), torch.matmul(x, W_e) as itself.
+_MATMUL = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
 _GROUPED = tuple(f for f in (getattr(F, "grouped_mm", None), getattr(torch, "_grouped_mm", None)) if f is not None)
 
 
@@ -96,13 +105,21 @@ def _routed(func: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
     if func is F.linear and len(args) >= 2 and isinstance(args[1], FactoredWeight) and args[1].dim() == 2 \
             and not isinstance(args[0], FactoredWeight):
         x, w, bias = args[0], args[1], args[2] if len(args) > 2 else kwargs.get("bias")
+        if frozen_fusable(x, w._plain(), w.lhs, bias):  # (x W^T + b + s (x rhs^T) lhs^T: rhs is A, lhs B)
+            return linear_lora(x, w._plain(), bias, w.rhs, w.lhs, w.scaling)
         return torch.add(F.linear(x, w._plain(), bias), F.linear(F.linear(x, w.rhs), w.lhs), alpha=w.scaling)
-    if func in (torch.matmul, torch.Tensor.__matmul__) and isinstance(args[1], FactoredWeight) \
+    if func in _MATMUL and isinstance(args[1], FactoredWeight) \
             and args[1].dim() == 2 and not isinstance(args[0], FactoredWeight):
         x, w = args[0], args[1]
+        if frozen_fusable(x, w._plain(), w.lhs):  # (x W + s (x lhs) rhs, as F.linear of W^T, lhs^T and rhs^T)
+            return linear_lora(x, w._plain().t(), None, w.lhs.t(), w.rhs.t(), w.scaling)
         return torch.add(torch.matmul(x, w._plain()), torch.matmul(torch.matmul(x, w.lhs), w.rhs), alpha=w.scaling)
     if func in _GROUPED and isinstance(args[1], FactoredWeight) and not isinstance(args[0], FactoredWeight):
         x, w = args[0], args[1]
+        offs = kwargs.get("offs")  # (F.grouped_mm calls torch._grouped_mm with bias=None, out_dtype=None)
+        if offs is not None and len(args) == 2 and not any(v is not None for k, v in kwargs.items() if k != "offs") \
+                and x.dim() == 2 and w.dim() == 3 and frozen_fusable(x, w._plain(), w.lhs):
+            return grouped_lora(x, w._plain(), w.lhs, w.rhs, w.scaling, offs, func)
         lhs, rhs = _aligned_rank(w.lhs, w.rhs)
         low = func(func(x, lhs, **kwargs), rhs, **kwargs)
         return torch.add(func(x, w._plain(), **kwargs), low, alpha=w.scaling)

@@ -1,6 +1,8 @@
 """LoRA's products on CPU: `fused_lora`, a whole LoRA layer over a frozen nn.Linear or bitsandbytes NF4/FP4 layer as
-one autograd node, and `LowRankLinear`, the Linear of one low-rank factor (`lora_A`, r x in, `lora_B`, out x r) for
-the layers that cannot be fused (8-bit bases, Conv1D). Both run the narrow products in the orientation MKL is fast at.
+one autograd node (so are a mixture's experts' products of their frozen weight plus its update, through
+`peftkit.methods.factored_weight`: one expert's by `linear_lora`, all experts' grouped product by `grouped_lora`), and
+`LowRankLinear`, the Linear of one low-rank factor (`lora_A`, r x in, `lora_B`, out x r) for the layers that cannot
+be fused (8-bit bases, Conv1D). Both run the narrow products in the orientation MKL is fast at.
 
 On CPU (MKL 2024.2 in torch 2.13's wheel, AVX2), a product only a few columns wide is slow, and nn.Linear's backward
 takes lora_B's two gradients in that orientation. With 816 rows (batch 8 x ~102 tokens) and r 8, the input
@@ -171,3 +173,73 @@ def fused_lora(x: torch.Tensor, base: nn.Module, lora_a: nn.Linear, lora_b: nn.L
     flat = _FusedLora.apply(x.reshape(-1, x.shape[-1]), base.weight, base.bias, lora_a.weight, lora_b.weight, scaling,
                             quant_state, dropout)
     return flat.reshape(*x.shape[:-1], flat.shape[-1])
+
+
+class _GroupedLora(torch.autograd.Function):
+    """x @ (W_g + s lhs_g rhs_g) for each group g of x's rows, one autograd node: a mixture's experts' product
+    (grouped_mm's: `offs` holds the groups' ends, W (groups, K, N) frozen, lhs (groups, K, r), rhs (groups, r, N)).
+    The frozen product is `grouped`'s own (the kernel the model called); each group's update accumulates into its rows
+    of that output and of the input gradient with GEMM's beta = 1 (`addmm_`), as `_FusedLora`'s does, and its narrow
+    products run in the fast orientation. As separate grouped products (x lhs, then rhs, added to x W), autograd made
+    a full-size (rows, N) product and a sum of it, then its gradient scaled by s and the input's two gradients summed:
+    four passes over (rows, N) or (rows, K) tensors a product, for r columns of arithmetic."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lhs, rhs, offs, scaling, grouped):
+        out = grouped(x, weight, offs=offs)
+        spans = _spans(offs)
+        h = x.new_empty(x.shape[0], lhs.shape[-1])  # (rows past the last group's end, which grouped_mm skips: unread)
+        for g, (a, b) in spans:
+            h[a:b] = _matmul(x[a:b], lhs[g])
+            out[a:b].addmm_(h[a:b], rhs[g], alpha=scaling)
+        ctx.save_for_backward(x, h, weight, lhs, rhs, offs)  # (x for lhs's gradient, h for rhs's, as autograd kept)
+        ctx.spans, ctx.scaling, ctx.grouped = spans, scaling, grouped
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, h, weight, lhs, rhs, offs = ctx.saved_tensors
+        need_x, need_lhs, need_rhs = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        grad_x = ctx.grouped(grad, weight.transpose(-2, -1), offs=offs) if need_x else None
+        grad_lhs = torch.zeros_like(lhs) if need_lhs else None  # (a group without rows: no gradient)
+        grad_rhs = torch.zeros_like(rhs) if need_rhs else None
+        for g, (a, b) in ctx.spans:
+            rows = grad[a:b]
+            grad_h = _matmul(rows, rhs[g].t()).mul_(ctx.scaling)
+            if need_rhs:
+                grad_rhs[g] = (h[a:b].t() @ rows).mul_(ctx.scaling)
+            if need_lhs:
+                grad_lhs[g] = _matmul(x[a:b].t(), grad_h)
+            if need_x:
+                grad_x[a:b].addmm_(grad_h, lhs[g].t())
+        return grad_x, None, grad_lhs, grad_rhs, None, None, None
+
+
+def _spans(offs: torch.Tensor) -> list[tuple[int, tuple[int, int]]]:
+    """(group, (first row, end)) of each group that has rows, from grouped_mm's `offs` (each group's end)."""
+    ends = offs.tolist()
+    return [(g, (a, b)) for g, (a, b) in enumerate(zip([0] + ends[:-1], ends)) if b > a]
+
+
+def grouped_lora(x: torch.Tensor, weight: torch.Tensor, lhs: torch.Tensor, rhs: torch.Tensor, scaling: float,
+                 offs: torch.Tensor, grouped) -> torch.Tensor:
+    """grouped(x, weight + s lhs @ rhs, offs=offs) for 2-D x and 3-D weight, through `_GroupedLora` (check
+    `frozen_fusable` first)."""
+    return _GroupedLora.apply(x, weight, lhs, rhs, offs, scaling, grouped)
+
+
+def linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """F.linear(x, weight + s lora_b @ lora_a, bias) through `_FusedLora` (check `frozen_fusable` first): an expert's
+    slice of a mixture's weight, as LoRA on a Linear layer runs."""
+    flat = _FusedLora.apply(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scaling, None, 0.0)
+    return flat.reshape(*x.shape[:-1], flat.shape[-1])
+
+
+def frozen_fusable(x: torch.Tensor, weight: torch.Tensor, factor: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> bool:
+    """Whether x times `weight` plus its low-rank update (`factor` one of its factors) may run as one node
+    (`linear_lora`, `grouped_lora`): on CPU's fast path, the weight (and bias) frozen, the factors in x's dtype, not
+    under autocast."""
+    return (cpu_fast_path(x, weight) and not weight.requires_grad and (bias is None or not bias.requires_grad)
+            and factor.dtype == x.dtype and not torch.is_autocast_enabled("cpu"))
