@@ -3,6 +3,7 @@ all), /reset forgets it, /exit ends; and the real command in a real terminal (tm
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -212,7 +213,9 @@ def test_chat_in_a_real_terminal(tiny_llama, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     reply = _expected_reply(model, tok, [{"role": "user", "content": "hi"}])
-    session = f"peftkit-chat-{tmp_path.name}"
+    # (the process id too: a session left by a killed run, or another run's at the same time, has the same tmp_path
+    # name, and tmux refused the new session)
+    session = f"peftkit-chat-{os.getpid()}-{tmp_path.name}"
     # The pane outlives the command, so that its exit status (and any error it printed) stays on screen.
     command = f"{sys.executable} -m peftkit.cli chat --model {tiny_llama} --max-new-tokens {NEW}; echo EXITED $?; sleep 600"
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "40", command], check=True)
