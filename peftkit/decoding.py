@@ -4,10 +4,11 @@ Greedy by default (`temperature: 0`); sampling with a temperature (and top-p, to
 Decoding goes through transformers' `generate` with its KV cache, batched with left padding (the attention mask
 then keeps the pads out of attention, and the position ids start at each prompt's first real token); it stops at
 the tokenizer's EOS or the model's own end-of-turn tokens, or at a stop string (--stop), which the text is cut
-before. Under dynamic RoPE past the original context it decodes without the cache (`dynamic_past_context`), and
-batches a prompt whose answer passes that context (or longrope's) only with prompts of its own length
-(`longest_padded`). The test reference is cache-free greedy decoding — one full forward of the whole sequence per
-new token — which `peftkit generate` must match token for token, batched or not.
+before. Under dynamic RoPE past the original context it decodes without the cache, as under longrope past it
+where generate keeps the keys its short factors rotated (`stale_cache_past_context`), and batches a prompt whose
+answer passes that context (or longrope's) only with prompts of its own length (`longest_padded`). The test
+reference is cache-free greedy decoding — one full forward of the whole sequence per new token — which
+`peftkit generate` must match token for token, batched or not.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from peftkit.data.prompts import Prompt
 from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.methods.task_routing import generation_tasks
 from peftkit.methods.virtual import generation_inputs, text_config, virtual_tokens
-from peftkit.rope_scaling import batch_scaled_context, dynamic_past_context, fresh_dynamic_rope, learned_positions
+from peftkit.rope_scaling import batch_scaled_context, fresh_dynamic_rope, learned_positions, stale_cache_past_context
 
 
 MIN_TEMPERATURE = 1e-5
@@ -168,8 +169,9 @@ def generate_ids(model: nn.Module, tok, prompts: list[list[int]], sampling: Samp
     extra = generation_inputs(model, mask, task_ids)
     inputs = {"input_ids": ids, "attention_mask": mask} | extra
     # Dynamic RoPE past the original context decodes without a KV cache (a forward of the whole sequence per token,
-    # as evaluation scores it): cached keys were rotated by a shorter sequence's frequencies.
-    cached = bool(extra) or not dynamic_past_context(model, width + sampling.max_new_tokens)
+    # as evaluation scores it): cached keys were rotated by a shorter sequence's frequencies; so does longrope past it
+    # where generate keeps the keys the short factors rotated (all but Phi-3's family).
+    cached = bool(extra) or not stale_cache_past_context(model, width + sampling.max_new_tokens)
     config = GenerationConfig(max_new_tokens=sampling.max_new_tokens, do_sample=sampling.temperature > 0,
                               pad_token_id=pad, eos_token_id=stops, use_cache=cached, **sampling.options())
     decode = decode or (lambda ids: tok.decode(ids, skip_special_tokens=True))

@@ -103,24 +103,43 @@ def dynamic_context(model) -> int | None:
                 and isinstance(getattr(m, "original_max_seq_len", None), int)), default=None)
 
 
+def longrope_context(model) -> int | None:
+    """The original_max_position_embeddings of `model`'s longrope rotary embeddings (their smallest), past which
+    transformers rotates a sequence by its long factors, within it by its short ones; None where none is longrope."""
+    return min((m.config.rope_parameters.get("original_max_position_embeddings") for m in model.modules()
+                if getattr(m, "rope_type", None) == "longrope"
+                and isinstance(getattr(getattr(m, "config", None), "rope_parameters", None), dict)), default=None)
+
+
 def batch_scaled_context(model) -> int | None:
     """The context past which transformers scales a sequence's RoPE by its length, so a batch's by its longest row
     (the largest position id): a dynamic RoPE's original context (`dynamic_context`), or longrope's
-    original_max_position_embeddings, past which it rotates by its long factors (Phi-3's long-context models); None
-    where neither is."""
-    longrope = [m.config.rope_parameters.get("original_max_position_embeddings") for m in model.modules()
-                if getattr(m, "rope_type", None) == "longrope"
-                and isinstance(getattr(getattr(m, "config", None), "rope_parameters", None), dict)]
-    return min([c for c in (dynamic_context(model), *longrope) if isinstance(c, int)], default=None)
+    original_max_position_embeddings, past which it rotates by its long factors (`longrope_context`); None where
+    neither is."""
+    return min([c for c in (dynamic_context(model), longrope_context(model)) if isinstance(c, int)], default=None)
 
 
-def dynamic_past_context(model, positions: int) -> bool:
-    """Whether `model` scales its RoPE dynamically and `positions` go past its original context: there transformers
-    rotates each new key by the frequencies of the sequence's length then, so keys a KV cache holds were rotated by
-    others than a forward of the whole sequence uses (SmolLM2-135M-Instruct at 128 positions, dynamic x2: a 200-token
-    prompt's greedy answer left the cache-free one at its 12th token)."""
+REBUILT_AT_THE_SWITCH = frozenset({"phi3", "phimoe", "phi4_multimodal"})
+"""Model types whose generate computes its KV cache again where longrope switches to its long factors: their
+prepare_inputs_for_generation drops the cache once the sequence passes config.original_max_position_embeddings
+(transformers 5.25), so their cached decoding is the cache-free one. Other models run longrope through the same
+rotary embedding (MiniCPM3's config.json sets it; a Llama or Mistral config may) and keep the cache."""
+
+
+def stale_cache_past_context(model, positions: int) -> bool:
+    """Whether a KV cache of `positions` holds keys rotated otherwise than a forward of the whole sequence rotates
+    them. Under dynamic RoPE past its original context: transformers rotates each new key by the frequencies of the
+    sequence's length then (SmolLM2-135M-Instruct at 128 positions, dynamic x2: a 200-token prompt's greedy answer
+    left the cache-free one at its 12th token). Under longrope past original_max_position_embeddings, in a model
+    whose generate does not compute its cache again there (`REBUILT_AT_THE_SWITCH`): the keys cached before the
+    switch keep the short factors (a tiny Llama and a tiny MiniCPM3, 64 original positions, a 56-token prompt: at
+    the 11th and the 10th new token)."""
     context = dynamic_context(model)
-    return context is not None and context < positions
+    if context is not None and context < positions:
+        return True
+    context = longrope_context(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return context is not None and context < positions and model_type not in REBUILT_AT_THE_SWITCH
 
 
 def learned_positions(config) -> int | None:

@@ -22,6 +22,7 @@ from peftkit.evaluate import evaluate
 from peftkit.inference import ModelSource
 from peftkit.modeling import load_config, load_model
 from peftkit.recipe import DataConfig, ModelConfig, load_recipe
+from peftkit.rope_scaling import stale_cache_past_context
 from peftkit.tiny import build_tiny_model
 from tests.conftest import make_recipe, save_random_adapter
 
@@ -485,3 +486,42 @@ def test_a_batch_under_longrope_answers_each_prompt_as_alone():
         alone = [model.generate(torch.tensor([p]), max_new_tokens=44, do_sample=False, eos_token_id=tok.eos_token_id,
                                 pad_token_id=tok.pad_token_id)[0, len(p):].tolist() for p in prompts]
     assert answers == [tok.decode(a, skip_special_tokens=True) for a in alone] and answers[0] != answers[1]
+    assert not stale_cache_past_context(model, 56 + 44)  # Phi-3's generate computes its cache again at the switch
+
+
+@pytest.mark.parametrize("arch", ["llama", "minicpm3"])
+def test_generation_past_the_context_under_longrope_without_a_rebuilt_cache_is_cache_free_greedy(arch):
+    """A model other than Phi-3's family whose config sets longrope (MiniCPM3-4B's does; a Llama's may) keeps in
+    its KV cache the keys its short factors rotated when the sequence passes original_max_position_embeddings, where
+    a forward of the whole sequence rotates them all by the long factors: a 56-token prompt's cached answer left the
+    model's own greedy one at its 10th or 11th new token (64 original positions). Decoded cache-free there, it is that
+    answer, alone and beside a 30-token prompt."""
+    import transformers
+
+    from peftkit.data.prompts import Prompt
+    from peftkit.decoding import Sampling, generate_ids, generate_texts
+    from peftkit.tiny import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    half = 16 if arch == "minicpm3" else 4  # its rotary half-dimension (MiniCPM3: qk_rope_head_dim 32)
+    config_class, model_class = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
+                                 "minicpm3": ("MiniCPM3Config", "MiniCPM3ForCausalLM")}[arch]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=4 * POSITIONS, initializer_range=0.1,
+        tie_word_embeddings=False, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * half,
+                         "long_factor": [2.0 ** (i % 4) for i in range(half)],
+                         "original_max_position_embeddings": POSITIONS})).eval()
+    prompt = torch.randint(4, 90, (56,), generator=torch.Generator().manual_seed(0)).tolist()
+    got = generate_ids(model, tok, [prompt], Sampling(max_new_tokens=44))[0]
+    assert len(got) == 44 and got == _greedy(model, prompt, 44)
+    with torch.no_grad():
+        cached = model.generate(torch.tensor([prompt]), max_new_tokens=44, do_sample=False, eos_token_id=None,
+                                pad_token_id=tok.pad_token_id)[0, len(prompt):].tolist()
+    assert cached[:9] == got[:9] and cached != got  # the KV cache's answer, from past the 64 positions
+    prompts = [prompt[-30:], prompt]
+    answers = generate_texts(model, tok, [Prompt(p, "") for p in prompts], Sampling(max_new_tokens=44), batch_size=2)
+    assert answers == [tok.decode(_greedy(model, p, 44), skip_special_tokens=True) for p in prompts]
