@@ -119,6 +119,45 @@ def test_peft_adapter_loads_with_peft_logits(tiny_llama, experts, tmp_path):
             f"{experts['1']}") in describe(info)  # (was: '0 modules: ')
 
 
+def test_peft_adapter_of_hub_experts_loads_as_peft_reads_its_adapters(tiny_llama, experts, tmp_path, monkeypatch):
+    """peft's documented X-LoRA names its experts by hub id (`adapters: {"0": "user/expert-0"}`): peftkit reads each
+    value as peft 0.21.2 does (LoraConfig.from_pretrained and load_peft_weights of it): a local directory, absolute or
+    relative to the working directory (not to the X-LoRA's), else a hub id, here from the offline cache; its logits
+    are peft's bit for bit (the old code joined each value to the X-LoRA's directory: ".../xlora/acme/expert-0 is not
+    a directory"). A value that is neither is refused naming the key, the value and the fix."""
+    from huggingface_hub import constants
+
+    from tests.test_hub import _publish_to
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    _publish_to(cache, "acme/expert-0", Path(experts["0"]), "a" * 40)
+    shutil.copytree(experts["1"], tmp_path / "work" / "experts" / "1")
+    monkeypatch.chdir(tmp_path / "work")
+    theirs = _peft_xlora(tiny_llama, {"0": "acme/expert-0", "1": "experts/1"}, xlora_depth=2, xlora_size=8)
+    with torch.no_grad():
+        for p in _classifier(theirs).values():
+            p.add_(torch.randn(p.shape))
+    adapter = _save_as_peft_loads_it(theirs, tmp_path / "xlora")
+    ours = load_adapted_model(str(tiny_llama), str(adapter))[0].eval()
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=IDS).logits, theirs.eval()(input_ids=IDS).logits)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    fix = ("Set it to the LoRA expert's directory (absolute, or relative to the working directory, as peft 0.21.2 "
+           "reads it) or its hub id (user/name)")
+    for value, why in [("acme/expert-9", f"Adapter acme/expert-9: no such local directory ({tmp_path}/work/"
+                                         "acme/expert-9), and of hub adapter acme/expert-9, it is not in the local "
+                                         "Hugging Face cache"),
+                       ("./experts/9", f"no such directory ({tmp_path}/work/experts/9), and no hub id")]:
+        (adapter / "adapter_config.json").write_text(json.dumps(config | {"adapters": {"0": "acme/expert-0",
+                                                                                       "1": value}}))
+        with pytest.raises(PeftkitError) as e:
+            load_adapted_model(str(tiny_llama), str(adapter))
+        assert str(e.value).startswith(f"{adapter / 'adapter_config.json'}: adapters['1'] is '{value}': {why}"), e.value
+        assert str(e.value).endswith(fix + "."), e.value
+
+
 @pytest.mark.parametrize("settings", [{}, {"xlora_depth": 3, "xlora_size": 8}], ids=["depth-1", "depth-3"])
 def test_peft_save_pretrained_loads_with_the_saved_model_s_logits(settings, tiny_llama, experts, tmp_path):
     """peft 0.21.2's save_pretrained of an X-LoRA leaves the classifier's first layer out of adapter_model.safetensors

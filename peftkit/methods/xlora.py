@@ -294,7 +294,7 @@ class XLora(Method):
                                "classifier only). peftkit's X-LoRA keeps the experts frozen.")
         where = Path(config_file).parent
         adapters = _copied_experts(where, peft.adapters, config_file) or {
-            n: str((where / p) if not Path(p).is_absolute() else Path(p)) for n, p in peft.adapters.items()}
+            n: _peft_expert(n, p, config_file) for n, p in peft.adapters.items()}
         try:
             return XLoraConfig(method="xlora", adapters=adapters, **peft.model_dump(
                 include=set(XLoraConfig.model_fields) - {"method", "adapters", "use_trainable_adapters"}))
@@ -432,6 +432,27 @@ def _loadable(path: str) -> str:
     if pinned := pinned_reference(path):
         return pinned.rpartition("@")[0]
     return str(Path(path).resolve())
+
+
+def _peft_expert(name: str, value: str, config_file: Path) -> str:
+    """The directory of the expert adapter_config.json (`config_file`, peft's: no copies) names `name`, its `value`
+    read as peft 0.21.2 reads it (LoraConfig.from_pretrained and load_peft_weights of it): a local directory, absolute
+    or relative to the working directory (not to the X-LoRA's own), else a hub id, `user/name` (the snapshot
+    `peftkit.hub.hub_adapter` gives: fetched, offline from the Hugging Face cache, as peftkit reads any hub adapter)."""
+    from peftkit.hub import hub_adapter, hub_shaped
+
+    local = Path(value).absolute()
+    if local.is_dir():
+        return str(local)
+    said = f"{config_file}: adapters['{name}'] is '{value}'"
+    fix = ("Set it to the LoRA expert's directory (absolute, or relative to the working directory, as peft 0.21.2 "
+           "reads it) or its hub id (user/name).")
+    if not hub_shaped(value):
+        raise PeftkitError(f"{said}: no such directory ({local}), and no hub id. {fix}")
+    try:
+        return hub_adapter(value, tried=str(local))
+    except PeftkitError as e:
+        raise PeftkitError(f"{said}: {e} {fix}") from None
 
 
 def _copied_experts(directory: Path, recorded: dict[str, str], config_file: Path) -> dict[str, str] | None:
