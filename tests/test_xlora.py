@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import peft
@@ -734,3 +735,48 @@ def test_hub_experts_train_offline_record_their_commit_and_a_moved_branch_is_nam
                             f"it trains on (pin acme/expert-1@{first} for the run's expert)"]
     train(load_recipe(recipe_file, [f"adapter.adapters.1=acme/expert-1@{first}"]), resume=True,
           console=Console(quiet=True))
+
+
+def test_a_hub_expert_in_a_subfolder_is_exported_with_a_warning_peft_cannot_load_it(tiny_llama, experts, tmp_path,
+                                                                                     monkeypatch):
+    """A hub expert in a subfolder of its repository (`acme/experts/math`) is named so in adapter_config.json, which
+    peft 0.21.2 cannot load: it takes the whole for a repository id, and its one route by subfolder
+    (XLoraConfig._subfolders, which its PeftModel.from_pretrained sets for an X-LoRA on the hub) fails unpacking its
+    own loop (peft's bug). The export (its save_sources hook) warns, naming the expert and what peft's users must do:
+    load the export's copies (no warning for a repository's top level or a local expert)."""
+    from huggingface_hub import constants
+
+    from peftkit.errors import PeftkitWarning
+    from peftkit.hub import hub_adapter
+    from peftkit.methods.xlora import XLora
+    from tests.test_hub import _publish_to
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    shutil.copytree(experts["0"], tmp_path / "repo" / "math")
+    _publish_to(cache, "acme/experts", tmp_path / "repo", "a" * 40)
+    _publish_to(cache, "acme/expert-1", Path(experts["1"]), "a" * 40)
+    cfg = XLoraConfig(method="xlora", adapters={"0": hub_adapter("acme/experts/math"), "1": hub_adapter("acme/expert-1")})
+    assert XLora.to_peft(cfg, [], str(tiny_llama), False)["adapters"] == {"0": "acme/experts/math", "1": "acme/expert-1"}
+    (tmp_path / "out").mkdir()
+    with pytest.warns(PeftkitWarning) as said:
+        XLora.save_sources(cfg, tmp_path / "out")
+    assert [str(w.message) for w in said] == [
+        "X-LoRA: adapter_config.json's `adapters` names expert '0' acme/experts/math (adapter.adapters: a hub adapter "
+        "in a subfolder of its repository), which peft 0.21.2 cannot load: it takes 'user/name/SUBFOLDER' for a "
+        "repository id (\"Can't find 'adapter_config.json'\"). peftkit loads the export as it is; peft's users must "
+        "set config.adapters to the export's copies of the experts (ADAPTER_DIR/0, ADAPTER_DIR/1, ...) and pass "
+        "config= to PeftModel.from_pretrained, as the model card shows"]
+    with pytest.raises(ValueError, match="Can't find 'adapter_config.json' at 'acme/experts/math'"):
+        _peft_xlora(tiny_llama, {"0": "acme/experts/math", "1": "acme/expert-1"})
+    by_subfolder = peft.XLoraConfig(task_type="CAUSAL_LM", hidden_size=32,
+                                    adapters={"0": "acme/experts", "1": "acme/expert-1"})
+    by_subfolder._subfolders = ["math", None]
+    with pytest.raises(ValueError, match="not enough values to unpack"):
+        get_peft_model(_base(tiny_llama), by_subfolder)
+    (tmp_path / "local").mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PeftkitWarning)
+        XLora.save_sources(XLoraConfig(method="xlora", adapters={"0": hub_adapter("acme/expert-1"), "1": experts["1"]}),
+                           tmp_path / "local")

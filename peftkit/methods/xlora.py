@@ -357,6 +357,7 @@ class XLora(Method):
         records the experts as the recipe names them (where peft looks by default: `_loadable`)."""
         import shutil
 
+        _warn_of_hub_subfolders(cfg)
         for name, source in cfg.adapters.items():
             (directory / name).mkdir()
             for file in sorted(Path(source).iterdir()):
@@ -423,8 +424,9 @@ class XLora(Method):
 def _loadable(path: str) -> str:
     """An expert as adapter_config.json's `adapters` records it, what peft 0.21.2 loads there (LoraConfig.from_pretrained
     and load_peft_weights of the value, at no revision): a local expert's directory, absolute; a hub expert's id,
-    `user/name` (`user/name/SUBFOLDER`, as peftkit names it), not the snapshot in this machine's cache that the recipe
-    resolved it to, a path on no other machine (peft took it for a hub id there, and failed). peft reads no revision in
+    `user/name` (`user/name/SUBFOLDER`, as peftkit names it, which peft cannot load: `_warn_of_hub_subfolders`), not
+    the snapshot in this machine's cache that the recipe resolved it to, a path on no other machine (peft took it for a
+    hub id there, and failed). peft reads no revision in
     `adapters`: the commit the classifier was trained with is pinned in the run's recipe.yaml (`user/name@COMMIT`), and
     its files are the export's copy (`save_sources`)."""
     from peftkit.hub import pinned_reference
@@ -432,6 +434,28 @@ def _loadable(path: str) -> str:
     if pinned := pinned_reference(path):
         return pinned.rpartition("@")[0]
     return str(Path(path).resolve())
+
+
+def _warn_of_hub_subfolders(cfg: XLoraConfig) -> None:
+    """Warns of the experts in a subfolder of a hub repository, which adapter_config.json names `user/name/SUBFOLDER`
+    (`_loadable`) and peft 0.21.2 cannot load: it takes the whole for a repository id ("Can't find
+    'adapter_config.json' at 'user/name/SUBFOLDER'"), and its one route by subfolder (XLoraConfig._subfolders, set
+    for an X-LoRA on the hub) fails unpacking its own loop. peft's users load the export's copy instead."""
+    import warnings
+
+    from peftkit.errors import PeftkitWarning
+    from peftkit.hub import pinned_commit, pinned_reference
+
+    named = [(name, _loadable(path)) for name, path in cfg.adapters.items()
+             if (pinned := pinned_reference(path)) and pinned_commit(pinned)[2]]
+    if named:
+        warnings.warn(PeftkitWarning(
+            f"X-LoRA: adapter_config.json's `adapters` names {', '.join(f'expert {n!r} {v}' for n, v in named)} "
+            "(adapter.adapters: a hub adapter in a subfolder of its repository), which peft 0.21.2 cannot load: it "
+            "takes 'user/name/SUBFOLDER' for a repository id (\"Can't find 'adapter_config.json'\"). peftkit loads the "
+            "export as it is; peft's users must set config.adapters to the export's copies of the experts "
+            "(ADAPTER_DIR/0, ADAPTER_DIR/1, ...) and pass config= to PeftModel.from_pretrained, as the model card "
+            "shows"), stacklevel=2)
 
 
 def _peft_expert(name: str, value: str, config_file: Path) -> str:
