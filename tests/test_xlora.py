@@ -157,6 +157,13 @@ def test_peft_adapter_of_hub_experts_loads_as_peft_reads_its_adapters(tiny_llama
             load_adapted_model(str(tiny_llama), str(adapter))
         assert str(e.value).startswith(f"{adapter / 'adapter_config.json'}: adapters['1'] is '{value}': {why}"), e.value
         assert str(e.value).endswith(fix + "."), e.value
+    shutil.copytree(experts["1"], tmp_path / "xlora" / "beside")  # (the old code read a relative value from there)
+    (adapter / "adapter_config.json").write_text(json.dumps(config | {"adapters": {"0": "acme/expert-0",
+                                                                                   "1": "beside"}}))
+    with pytest.raises(PeftkitError, match=re.escape(f"{fix}. One lies beside adapter_config.json ({adapter}/beside)"
+                                                     ": peft 0.21.2 does not look there, so neither does peftkit; give "
+                                                     "its absolute path.")):
+        load_adapted_model(str(tiny_llama), str(adapter))
 
 
 @pytest.mark.parametrize("settings", [{}, {"xlora_depth": 3, "xlora_size": 8}], ids=["depth-1", "depth-3"])

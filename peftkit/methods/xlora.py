@@ -471,6 +471,9 @@ def _peft_expert(name: str, value: str, config_file: Path) -> str:
     said = f"{config_file}: adapters['{name}'] is '{value}'"
     fix = ("Set it to the LoRA expert's directory (absolute, or relative to the working directory, as peft 0.21.2 "
            "reads it) or its hub id (user/name).")
+    if (beside := Path(config_file).parent / value).is_dir():  # (where peftkit looked before; peft never does)
+        fix += (f" One lies beside adapter_config.json ({beside}): peft 0.21.2 does not look there, so neither does "
+                "peftkit; give its absolute path.")
     if not hub_shaped(value):
         raise PeftkitError(f"{said}: no such directory ({local}), and no hub id. {fix}")
     try:
