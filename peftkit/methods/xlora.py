@@ -21,16 +21,17 @@ Linear and Conv1D layers (DoRA, which peft refuses in its X-LoRA forward too, lo
 variants are refused). peft 0.21.2 names them by position ("0", "1", ...: other names fail in its
 disable_adapter_layers with a KeyError), so the recipe's `adapters` must too.
 
-Saved as peft loads it: adapter_config.json (peft_type XLORA, `adapters` the experts as peft loads them: a local
-one's directory, a hub one's id, `_loadable`; the classifier's settings) and adapter_model.safetensors with the classifier alone, `base_model.internal_xlora_classifier.layers.<i>.
-weight/.bias` (nn.Sequential's indices: 0 and 3 at depth 2 with dropout); and a copy of each expert, in the
-subdirectory of its name (`XLora.save_sources`), which peftkit.json names relative to the export: peftkit reads the
-copies wherever the directory moves. peft 0.21.2 reads the experts where `adapters` says (its `adapters=` argument to
-PeftModel.from_pretrained is overridden by the file's): pass it `config=` with `adapters` set to the copies. peft 0.21.2's own save_pretrained leaves the classifier's
-first layer out of that file (its adapter-name filter drops `layers.0.`, taking it for the expert "0") and writes it to
-the subfolder 0/ as `layers.weight/.bias`, beside the whole base model under lora_ keys, so that peft's own reload
-draws a new one: peftkit reads it from there (`_first_layer_saved_apart`), and refuses a file short of a classifier
-tensor found nowhere, naming it.
+Saved as peft loads it: adapter_config.json (peft_type XLORA, `adapters` the experts as peft loads them: a local one's
+directory, a hub one's id, `xlora_experts.loadable`; the classifier's settings) and adapter_model.safetensors with the
+classifier alone, `base_model.internal_xlora_classifier.layers.<i>.weight/.bias` (nn.Sequential's indices: 0 and 3 at
+depth 2 with dropout); and a copy of each expert, in the subdirectory of its name (`XLora.save_sources`), which
+peftkit.json names relative to the export: peftkit reads the copies wherever the directory moves. peft 0.21.2 reads the
+experts where `adapters` says (its `adapters=` argument to PeftModel.from_pretrained is overridden by the file's): pass
+it `config=` with `adapters` set to the copies. peft 0.21.2's own save_pretrained leaves the classifier's first layer
+out of that file (its adapter-name filter drops `layers.0.`, taking it for the expert "0") and writes it to the
+subfolder 0/ as `layers.weight/.bias`, beside the whole base model under lora_ keys, so that peft's own reload draws a
+new one: peftkit reads it from there (`_first_layer_saved_apart`), and refuses a file short of a classifier tensor found
+nowhere, naming it.
 
 Not mergeable (the scalings change per token); generation runs without the KV cache, as peft's (the scalings pass
 needs the whole sequence each step).
@@ -50,6 +51,7 @@ from peftkit.errors import PeftkitError
 from peftkit.methods.base import REEXPORT, Method, PeftConfigBase
 from peftkit.methods.layer import AdapterLayer, linear_shape
 from peftkit.methods.xlora_classifier import Scalings, XLoraClassifier
+from peftkit.methods.xlora_experts import copied_experts, loadable, peft_expert, warn_of_hub_subfolders
 from peftkit.section import AdapterSection
 
 CLASSIFIER = "internal_xlora_classifier"
@@ -276,7 +278,7 @@ class XLora(Method):
         settings = cfg.model_dump(exclude={"method", "init_from", "adapters"})
         return {"peft_type": cls.peft_type, "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
                 "inference_mode": True, "revision": None,
-                "adapters": {n: _loadable(p) for n, p in cfg.adapters.items()}} | settings
+                "adapters": {n: loadable(p) for n, p in cfg.adapters.items()}} | settings
 
     @classmethod
     def model_facts(cls, cfg: XLoraConfig, model_config: Any) -> dict:
@@ -293,8 +295,8 @@ class XLora(Method):
                                "classifier, and their trained weights are not in this file (peft saves the "
                                "classifier only). peftkit's X-LoRA keeps the experts frozen.")
         where = Path(config_file).parent
-        adapters = _copied_experts(where, peft.adapters, config_file) or {
-            n: _peft_expert(n, p, config_file) for n, p in peft.adapters.items()}
+        adapters = copied_experts(where, peft.adapters, config_file) or {
+            n: peft_expert(n, p, config_file) for n, p in peft.adapters.items()}
         try:
             return XLoraConfig(method="xlora", adapters=adapters, **peft.model_dump(
                 include=set(XLoraConfig.model_fields) - {"method", "adapters", "use_trainable_adapters"}))
@@ -353,11 +355,11 @@ class XLora(Method):
         """A copy of each expert in the export, in the subdirectory of its name (`0/`, `1/`: where peft looks for them
         in a hub repository), its directory's files byte for byte: what the classifier was trained with, wherever the
         export moves and whatever becomes of the experts' own directories. peftkit.json's `experts` names the copies
-        relative to the export, and peftkit reads them (`_copied_experts`); adapter_config.json's `adapters` still
-        records the experts as the recipe names them (where peft looks by default: `_loadable`)."""
+        relative to the export, and peftkit reads them (`copied_experts`); adapter_config.json's `adapters` still
+        records the experts as the recipe names them (where peft looks by default: `loadable`)."""
         import shutil
 
-        _warn_of_hub_subfolders(cfg)
+        warn_of_hub_subfolders(cfg.adapters)
         for name, source in cfg.adapters.items():
             (directory / name).mkdir()
             for file in sorted(Path(source).iterdir()):
@@ -419,92 +421,6 @@ class XLora(Method):
             for name, p in layer.adapter_params().items():
                 if name.startswith(CLASSIFIER):
                     p.copy_(torch.randn(p.shape, generator=generator) * std)
-
-
-def _loadable(path: str) -> str:
-    """An expert as adapter_config.json's `adapters` records it, what peft 0.21.2 loads there (LoraConfig.from_pretrained
-    and load_peft_weights of the value, at no revision): a local expert's directory, absolute; a hub expert's id,
-    `user/name` (`user/name/SUBFOLDER`, as peftkit names it, which peft cannot load: `_warn_of_hub_subfolders`), not
-    the snapshot in this machine's cache that the recipe resolved it to, a path on no other machine (peft took it for a
-    hub id there, and failed). peft reads no revision in
-    `adapters`: the commit the classifier was trained with is pinned in the run's recipe.yaml (`user/name@COMMIT`), and
-    its files are the export's copy (`save_sources`)."""
-    from peftkit.hub import pinned_reference
-
-    if pinned := pinned_reference(path):
-        return pinned.rpartition("@")[0]
-    return str(Path(path).resolve())
-
-
-def _warn_of_hub_subfolders(cfg: XLoraConfig) -> None:
-    """Warns of the experts in a subfolder of a hub repository, which adapter_config.json names `user/name/SUBFOLDER`
-    (`_loadable`) and peft 0.21.2 cannot load: it takes the whole for a repository id ("Can't find
-    'adapter_config.json' at 'user/name/SUBFOLDER'"), and its one route by subfolder (XLoraConfig._subfolders, set
-    for an X-LoRA on the hub) fails unpacking its own loop. peft's users load the export's copy instead."""
-    import warnings
-
-    from peftkit.errors import PeftkitWarning
-    from peftkit.hub import pinned_commit, pinned_reference
-
-    named = [(name, _loadable(path)) for name, path in cfg.adapters.items()
-             if (pinned := pinned_reference(path)) and pinned_commit(pinned)[2]]
-    if named:
-        warnings.warn(PeftkitWarning(
-            f"X-LoRA: adapter_config.json's `adapters` names {', '.join(f'expert {n!r} {v}' for n, v in named)} "
-            "(adapter.adapters: a hub adapter in a subfolder of its repository), which peft 0.21.2 cannot load: it "
-            "takes 'user/name/SUBFOLDER' for a repository id (\"Can't find 'adapter_config.json'\"). peftkit loads the "
-            "export as it is; peft's users must set config.adapters to the export's copies of the experts "
-            "(ADAPTER_DIR/0, ADAPTER_DIR/1, ...) and pass config= to PeftModel.from_pretrained, as the model card "
-            "shows"), stacklevel=2)
-
-
-def _peft_expert(name: str, value: str, config_file: Path) -> str:
-    """The directory of the expert adapter_config.json (`config_file`, peft's: no copies) names `name`, its `value`
-    read as peft 0.21.2 reads it (LoraConfig.from_pretrained and load_peft_weights of it): a local directory, absolute
-    or relative to the working directory (not to the X-LoRA's own), else a hub id, `user/name` (the snapshot
-    `peftkit.hub.hub_adapter` gives: fetched, offline from the Hugging Face cache, as peftkit reads any hub adapter)."""
-    from peftkit.hub import hub_adapter, hub_shaped
-
-    local = Path(value).absolute()
-    if local.is_dir():
-        return str(local)
-    said = f"{config_file}: adapters['{name}'] is '{value}'"
-    fix = ("Set it to the LoRA expert's directory (absolute, or relative to the working directory, as peft 0.21.2 "
-           "reads it) or its hub id (user/name).")
-    if (beside := Path(config_file).parent / value).is_dir():  # (where peftkit looked before; peft never does)
-        fix += (f" One lies beside adapter_config.json ({beside}): peft 0.21.2 does not look there, so neither does "
-                "peftkit; give its absolute path.")
-    if not hub_shaped(value):
-        raise PeftkitError(f"{said}: no such directory ({local}), and no hub id. {fix}")
-    try:
-        return hub_adapter(value, tried=str(local))
-    except PeftkitError as e:
-        raise PeftkitError(f"{said}: {e} {fix}") from None
-
-
-def _copied_experts(directory: Path, recorded: dict[str, str], config_file: Path) -> dict[str, str] | None:
-    """The experts' copies in the X-LoRA directory `directory` (peftkit's export: its peftkit.json `experts`), by
-    name, as paths; None for one without them (peft's, or peftkit's from before they were copied), whose experts are
-    where adapter_config.json's `adapters` (`recorded`) says. The copies are the experts the classifier was trained
-    with, wherever the directory is now; the directories `adapters` records may be gone, moved or retrained since."""
-    from peftkit.adapter_meta import META_NAME, read_meta
-
-    copies = read_meta(directory).experts
-    if copies is None:
-        return None
-    meta = directory / META_NAME
-    if list(copies) != list(recorded):
-        raise PeftkitError(f"{meta}: experts names {', '.join(map(repr, copies))}, and {config_file}'s adapters "
-                           f"{', '.join(map(repr, recorded))}: one list of experts. {REEXPORT}")
-    for name, relative in copies.items():
-        if Path(relative).is_absolute() or ".." in Path(relative).parts:
-            raise PeftkitError(f"{meta}: experts['{name}'] is {relative}, not a directory inside {directory}, where "
-                               f"the X-LoRA export holds its experts' copies. {REEXPORT}")
-        if not (directory / relative / "adapter_config.json").is_file():
-            raise PeftkitError(f"{directory}: the copy of the expert '{name}' ({directory / relative}, named by its "
-                               f"{META_NAME}) is missing: an X-LoRA directory holds its experts. Copy or move the "
-                               "adapter directory whole, with its subdirectories.")
-    return {name: str(directory / relative) for name, relative in copies.items()}
 
 
 def _classifier_keys(peft: PeftXLoraConfig) -> set[str]:
