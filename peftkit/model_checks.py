@@ -4,7 +4,7 @@ its words. The model is built from config.json on the meta device (every module 
 read or allocated: a Llama-3-8B config built in 4 s here), and the adapter injected there as the memory estimate does.
 
 Not checked here, since they need more than that: the weights' fit to config.json (`modeling.load_model`), the data
-(its rows, but for a classifier's labels and preference pairs' first row's form; their lengths and the steps they
+(its rows, but for a classifier's labels, preference pairs' bad rows and the first row's form; their lengths and the steps they
 make: warmup, evaluation and checkpoint intervals, and with training.epochs the method's own checks of the run,
 AdaLoRA's schedule; eval.max_new_tokens within a learned position table), data.packing's test of the model's
 attention (it compares logits), what depends on the device (flash attention's CUDA and package, though its refusal of
@@ -136,6 +136,7 @@ def _check_tokenizer(cfg: Recipe, tok) -> None:
                           f"data.train[{i}].format")
     _check_eval_formats(cfg, tok)
     _check_answer_rows(cfg, tok)
+    _check_pairs(cfg, tok)
     if invocation := getattr(cfg.adapter, "alora_invocation_tokens", None):
         from peftkit.methods.alora import check_invocation_ids
 
@@ -175,6 +176,22 @@ def _check_answer_rows(cfg: Recipe, tok) -> None:
     for name, source in data.eval_sources().items():
         if is_local_dataset(source.path):
             _check_first_row(tok, data.for_eval(name), source.path, source.split)
+
+
+def _check_pairs(cfg: Recipe, tok) -> None:
+    """Train's refusal of a bad preference pair (`peftkit.data.preference.check_pairs`: its FILE:LINE and problem, the
+    answers alike but for the EOS's text too, which needs the tokenizer), in data.train and each set of data.eval,
+    where they are local; read, not tokenized."""
+    from peftkit.data.preference import check_pairs
+
+    data = cfg.data
+    if data.format != "preference":
+        return
+    if all(is_local_dataset(source.path) for source in data.train_sources()):
+        check_pairs(tok, data.train, data.train_split, data)
+    for name, source in data.eval_sources().items():
+        if is_local_dataset(source.path):
+            check_pairs(tok, source.path, source.split, data.for_eval(name))
 
 
 def _check_first_row(tok, data, path, split: str | None) -> None:

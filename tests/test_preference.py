@@ -13,7 +13,7 @@ import torch
 import yaml
 from torch.nn import functional as F
 
-from conftest import cli_user_error, load_fp32, make_recipe, random_adapters
+from conftest import cli_user_error, load_fp32, make_recipe, random_adapters, unplaced
 from peftkit.data import IGNORE_INDEX, load_examples
 from peftkit.data.preference import PairCollator, load_pairs
 from peftkit.errors import PeftkitError
@@ -287,11 +287,22 @@ def test_recipe_mistakes_about_dpo_are_said_at_their_key(tiny_llama, pairs_data,
      "prompt[0].role is 'usr'"),
 ])
 def test_a_bad_pair_is_named_by_its_line_and_field(tiny_llama, pairs_data, tmp_path, monkeypatch, capsys, row, said):
+    """Said alike by train, by validate (data.train, and a set of data.eval's) and by eval's prompts (samples)."""
+    from peftkit.data.prompts import load_prompts
+
     bad = tmp_path / "bad.jsonl"
     write_jsonl(bad, [_sums(1, 2, 3), row])
     recipe = _dpo_recipe(tmp_path, tiny_llama, {"train": bad, "eval": pairs_data["eval"]})
     err = cli_user_error(monkeypatch, capsys, "train", str(recipe))
     assert f"{bad}:2" in err and said in err, err
+    validated = cli_user_error(monkeypatch, capsys, "validate", str(recipe))
+    assert " ".join(unplaced(validated, recipe).split()) == " ".join(err.split()), validated
+    swapped = _dpo_recipe(tmp_path / "swapped", tiny_llama, {"train": pairs_data["train"], "eval": bad})
+    err = " ".join(cli_user_error(monkeypatch, capsys, "validate", str(swapped)).split())
+    assert f"{bad}:2" in err and said in err, err
+    with pytest.raises(PeftkitError, match=f"{bad}:2: ") as raised:
+        load_prompts(_tok(tiny_llama), str(bad), None, load_recipe(swapped).data.for_eval("eval"))
+    assert said in str(raised.value)
 
 
 def test_two_processes_train_the_adapter_of_one_with_twice_the_batch(tiny_llama, pairs_data, tmp_path):

@@ -373,7 +373,8 @@ def test_validate_reads_the_rows_only_to_the_first_usable_one(listed, tiny_llama
     an EOS): it read the whole file (a 300k-row, 89 MB one: 15 s where an 8-row one takes 11 s), and a malformed line
     far past that row made the check give up, saying nothing. It reads no further than that row now: a line that
     does not parse after it changes nothing, and the verdict is that of the file without it (train's words); a
-    malformed line before it is still left to train (no verdict). data.train as a list: its first entry's rows."""
+    malformed line before it is said as train says it, by the read of every pair for its bad rows (`check_pairs`,
+    which needs the whole file). data.train as a list: its first entry's rows."""
     model = _garbage_weights(tiny_llama, tmp_path / "model")
     (model / "chat_template.jinja").unlink()
     user = [{"role": "user", "content": "q"}]
@@ -389,17 +390,13 @@ def test_validate_reads_the_rows_only_to_the_first_usable_one(listed, tiny_llama
             raw = yaml.safe_load(recipe.read_text())
             raw["data"]["train"] = [str(rows_file), str(clean)]
             recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
-        if rows_file is bad_before:
-            from peftkit.cli import main
-
-            monkeypatch.setattr("sys.argv", ["peftkit", "validate", str(recipe)])
-            main()  # (no SystemExit: train says the line)
-            assert "# model checks (no weight read): " in capsys.readouterr().out
-        else:
-            said[rows_file.stem] = unplaced(_said(cli_user_error(monkeypatch, capsys, "validate", str(recipe))), recipe)
+        said[rows_file.stem] = unplaced(_said(cli_user_error(monkeypatch, capsys, "validate", str(recipe))), recipe)
     trained = _said(cli_user_error(monkeypatch, capsys, "train", str(_objective_recipe(tmp_path / "t", model, clean,
                                                                                         "preference", "dpo"))))
-    assert said == {"clean": trained, "after": trained}, (said, trained)
+    malformed = _said(cli_user_error(monkeypatch, capsys, "train", str(_objective_recipe(
+        tmp_path / "tb", model, bad_before, "preference", "dpo"))))
+    assert said == {"clean": trained, "after": trained, "before": malformed}, (said, trained, malformed)
+    assert f"{bad_before}:1: not a valid JSON object" in malformed, malformed
     assert trained.startswith("error: data.format 'preference' rows given as conversations need the tokenizer's "
                               "chat_template"), trained
 

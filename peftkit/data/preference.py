@@ -227,11 +227,9 @@ def build_pairs(tok, source: str | list, split: str | None, cfg: DataConfig,
     where = [row_location(name, i, line_numbers) for i in range(len(rows))]
     split_rows, kept, fmt, first = [], [], None, None
     for row, at in zip(rows, where, strict=True):
-        split = split_pair(row) if isinstance(row, dict) else None  # (a good row's split once, not checked first)
-        alike = _alike_but_for_eos(tok, split)
-        if not isinstance(split, tuple) or alike:
-            usable_row(row, cfg, at, found=alike)  # a bad row: said under data.on_bad_rows: error (naming it), else
-            stats["bad_rows"] += 1  # skipped
+        split = usable_split(tok, row, cfg, at)  # (a good row's split once, not checked first)
+        if split is None:  # a bad row: said under data.on_bad_rows: error (naming it), else skipped
+            stats["bad_rows"] += 1
             continue
         kind, pair = split
         if fmt is not None and kind != fmt:  # (data.train's list: the first pair may be another dataset's)
@@ -268,6 +266,33 @@ def build_pairs(tok, source: str | list, split: str | None, cfg: DataConfig,
         for (at, _), row, i in zip(split_rows, kept, range(0, len(answers), 2), strict=True):
             _count_left_out(tok, answers[i:i + 2], ANSWERS, at, stats, row)
     return list(zip(built[::2], built[1::2], strict=True)), stats, name, line_numbers
+
+
+def usable_split(tok, row: object, cfg: DataConfig, at: str) -> tuple[str, list[dict]] | None:
+    """`split_pair` of a usable row; None for a bad one (`split_pair`'s problem, or a text pair's answers alike but for
+    the EOS's text, which needs the tokenizer), which raises under data.on_bad_rows: error, naming `at`."""
+    split = split_pair(row) if isinstance(row, dict) else None
+    alike = _alike_but_for_eos(tok, split)
+    if not isinstance(split, tuple) or alike:
+        usable_row(row, cfg, at, found=alike)
+        return None
+    return split
+
+
+def check_pairs(tok, source: str | list, split: str | None, cfg: DataConfig) -> None:
+    """The bad rows `build_pairs` refuses under data.on_bad_rows: error, in its words (FILE:LINE), read but not
+    tokenized: `peftkit validate`'s check of `source` (data.train, or a set of data.eval's, as train reads it)."""
+    if cfg.on_bad_rows == "skip":
+        return
+    rows, _, line_numbers, name = read_rows(source, split, cfg)
+    for i, row in enumerate(rows):
+        usable_split(tok, row, cfg, row_location(name, i, line_numbers))
+
+
+def eos_alike(tok, row: object) -> str | None:
+    """Why a preference row is no pair once the tokenizer is known (`_alike_but_for_eos`), or None: the problem a
+    reader of rows as prompts (`peftkit.data.prompts.load_prompts`) hands `usable_row` as train does."""
+    return _alike_but_for_eos(tok, split_pair(row)) if isinstance(row, dict) else None
 
 
 def _alike_but_for_eos(tok, split: tuple | str | None) -> str | None:
@@ -412,5 +437,5 @@ def _keep(chosen, rejected, cfg: DataConfig, stats: dict, cuts: _TargetCuts) -> 
     return True
 
 
-__all__ = ["ANSWERS", "PairCollator", "Pairs", "build_pairs", "kept_pairs", "load_pairs", "one_eos", "pair_problem",
-           "split_pair"]
+__all__ = ["ANSWERS", "PairCollator", "Pairs", "build_pairs", "check_pairs", "eos_alike", "kept_pairs", "load_pairs",
+           "one_eos", "pair_problem", "split_pair", "usable_split"]

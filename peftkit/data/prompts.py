@@ -211,7 +211,8 @@ def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | Non
         if limit is not None and len(prompts) >= limit:
             break
         where = row_location(source, i, line_numbers)
-        usable = usable_row(row, cfg, where, targets, problem=_past_vocabulary(tok, row, cfg, targets))
+        usable = usable_row(row, cfg, where, targets, problem=_past_vocabulary(tok, row, cfg, targets),
+                            found=_pair_alike(tok, row, cfg))
         bad += not usable  # a bad row skipped under on_bad_rows: skip (under error, it raised)
         example = next(built) if built is not None else None  # (every row's, None for a bad one: in step)
         if usable:
@@ -253,6 +254,16 @@ def _past_vocabulary(tok, row: object, cfg: DataConfig, targets: bool) -> str | 
     if cfg.format != "tokenized" or row_problem(row, cfg.format, targets) is not None:
         return None
     return vocabulary_problem(row, len(tok))
+
+
+def _pair_alike(tok, row: object, cfg: DataConfig) -> str | None:
+    """A preference row's answers alike but for the EOS's text (`peftkit.data.preference.eos_alike`), a bad row as
+    train's pairs take it, or None."""
+    if cfg.format != "preference":
+        return None
+    from peftkit.data.preference import eos_alike
+
+    return eos_alike(tok, row)
 
 
 CHAT_PROMPTS_CHECKED = 16
