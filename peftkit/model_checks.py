@@ -137,6 +137,7 @@ def _check_tokenizer(cfg: Recipe, tok) -> None:
     _check_eval_formats(cfg, tok)
     _check_answer_rows(cfg, tok)
     _check_pairs(cfg, tok)
+    _warn_init_from_template(cfg, tok)
     if invocation := getattr(cfg.adapter, "alora_invocation_tokens", None):
         from peftkit.methods.alora import check_invocation_ids
 
@@ -192,6 +193,23 @@ def _check_pairs(cfg: Recipe, tok) -> None:
     for name, source in data.eval_sources().items():
         if is_local_dataset(source.path):
             check_pairs(tok, source.path, source.split, data.for_eval(name))
+
+
+def _warn_init_from_template(cfg: Recipe, tok) -> None:
+    """Train's warning of conversations rendered in another chat template than the one adapter.init_from carries
+    (`peftkit.data.chat_templates.warn_init_from_template`); preference and KTO rows' form is data.train's first usable
+    row's, where its files are local."""
+    from peftkit.data.chat_templates import warn_init_from_template
+    from peftkit.errors import PeftkitError
+
+    data, form = cfg.data, None
+    if cfg.adapter.init_from and data.format in ("preference", "unpaired") and all(
+            is_local_dataset(source.path) for source in data.train_sources()):
+        try:
+            form = first_row_form(data, data.train, data.train_split)
+        except PeftkitError:  # (unreadable rows: train's to say)
+            pass
+    warn_init_from_template(cfg, tok, form)
 
 
 def _check_first_row(tok, data, path, split: str | None) -> None:

@@ -18,6 +18,7 @@ from peftkit import distributed, long_context, zero
 from peftkit.adapters import check_copies
 from peftkit.checkpoint import LoopState, checkpoint_dirs, run_inputs, save_checkpoint
 from peftkit.classify import ClassifyEval, with_head
+from peftkit.data.chat_templates import warn_init_from_template
 from peftkit.data.checks import guard_token_ids
 from peftkit.data.classification import LabelSet
 from peftkit.data.packing import check_isolated
@@ -227,6 +228,7 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
     device = accelerator.device if accelerator.num_processes > 1 else resolve_device(cfg.model.device)
     config, tok = _check_device_and_config(cfg, device, accelerator, resume, console)
     train_ex, evals, labels, digests, form = _data(cfg, tok, config, cache, accelerator, console)
+    warn_init_from_template(cfg, tok, form)  # (conversations continuing an adapter's other template)
     total_steps = _checked_steps(cfg, len(train_ex), accelerator.num_processes)
     model, inputs, base_commit = _base_model(cfg, device, labels, tok, console)
     # A classifier's new head trains in full and is saved with the adapter, as peft's SEQ_CLS does.

@@ -316,10 +316,18 @@ def test_an_init_from_run_is_evaluated_from_the_adapter_it_starts_from(tiny_llam
     assert verify(older_out, console=Console(quiet=True)).ok
 
 
-def test_the_start_of_an_init_from_recipe_is_prompted_in_the_run_s_chat_template(tiny_llama, number_data, tmp_path):
+def test_the_start_of_an_init_from_recipe_is_prompted_in_the_run_s_chat_template(tiny_llama, number_data, tmp_path,
+                                                                                  monkeypatch, capsys):
     """`generate RECIPE`, `chat RECIPE` and `eval RECIPE` of an adapter.init_from recipe run its start as the run does,
     prompts rendered in the recipe's chat template (here none: the base tokenizer's own), not in the one init_from
-    carries (chat_template.jinja, from its run's data.chat_template), which they used."""
+    carries (chat_template.jinja, from its run's data.chat_template), which they used. Train and validate warn of the
+    two templates where the data are conversations (SFT chat, conversation pairs), not of alpaca rows, nor with
+    data.chat_template the adapter's file."""
+    import warnings
+
+    from peftkit.cli import main
+    from peftkit.errors import PeftkitWarning
+    from peftkit.tiny import write_jsonl
     from peft import LoraConfig, get_peft_model
 
     from peftkit.decoding import Sampling
@@ -332,7 +340,38 @@ def test_the_start_of_an_init_from_recipe_is_prompted_in_the_run_s_chat_template
         "{% for m in messages %}[{{ m.role }}]{{ m.content }}</s>{% endfor %}{% if add_generation_prompt %}[assistant]"
         "{% endif %}")
     recipe = _init_recipe(tmp_path, tiny_llama, number_data, {"init_from": str(tmp_path / "sft")})
-    run, _ = _step0(recipe, tmp_path)
+    said = (f"adapter.init_from: {tmp_path / 'sft'} carries the chat template its run trained with ({tmp_path / 'sft'}"
+            "/chat_template.jinja), and this run renders its conversations in another, the base tokenizer's own (no "
+            "data.chat_template): the adapter trains on, and is evaluated and sampled, in a template it did not learn. "
+            f"To continue in the adapter's, set data.chat_template: {tmp_path / 'sft'}/chat_template.jinja")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run, _ = _step0(recipe, tmp_path)  # alpaca rows: no template
+    assert not [w for w in caught if "carries the chat template" in str(w.message)]
+    chat, pairs = tmp_path / "chat.jsonl", tmp_path / "pairs.jsonl"
+    write_jsonl(chat, [{"messages": [{"role": "user", "content": f"{i}?"}, {"role": "assistant", "content": str(i)}]}
+                       for i in range(4)])
+    write_jsonl(pairs, [{"prompt": [{"role": "user", "content": f"{i}?"}], "chosen": str(i), "rejected": "no"}
+                        for i in range(4)])
+
+    def validated(path, *overrides: str) -> str:
+        monkeypatch.setattr("sys.argv", ["peftkit", "validate", str(path), *overrides])
+        main()
+        return " ".join(capsys.readouterr().err.split())
+
+    def init_from(path):  # (the adapter section init_from alone, as _init_recipe's)
+        raw = yaml.safe_load(path.read_text())
+        path.write_text(yaml.safe_dump(raw | {"adapter": {"init_from": str(tmp_path / "sft")}}))
+        return path
+
+    sft = init_from(make_recipe(tmp_path / "c", tiny_llama, {"train": chat, "eval": chat}, data={"format": "chat"},
+                                training={"max_steps": 1}, eval={"base_model": False}))
+    dpo = init_from(make_recipe(tmp_path / "p", tiny_llama, {"train": pairs, "eval": pairs},
+                                data={"format": "preference"}, training={"max_steps": 1, "objective": "dpo"}))
+    assert f"warning: {said}" in validated(sft) and f"warning: {said}" in validated(dpo)
+    assert "carries" not in validated(sft, "--set", f"data.chat_template={tmp_path / 'sft' / 'chat_template.jinja'}")
+    with pytest.warns(PeftkitWarning, match=re.escape(said)):
+        _step0(sft, tmp_path / "c")
     job = generate_job(recipe, [], None, None, ["hi"], None, None, True, None, Sampling(), 8)
     assert job.start == "start (init_from: sft)" and job.source.adapter == str(tmp_path / "sft")
     asked = job.build_prompts(job.source.tokenizer())[0].text

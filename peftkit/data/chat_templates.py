@@ -73,6 +73,31 @@ def adapter_template(adapter_dir: str | Path | None) -> str | None:
                            "tokenizer's own.") from None
 
 
+def warn_init_from_template(cfg, tok, form: str | None) -> None:
+    """Warn where a recipe continues an adapter.init_from that carries its own chat template (`ADAPTER_TEMPLATE`: an
+    SFT run's with data.chat_template) and renders its conversations in another, `tok`'s (data.chat_template's, or the
+    base tokenizer's own): the run trains, evaluates and samples the adapter in a template it did not learn, likely a
+    data.chat_template left out. Only for conversations: data.format chat (data.train's or data.eval's), or preference
+    pairs' and KTO's rows of that form (`form`: the first usable row's, `chat`). `cfg`: the Recipe."""
+    import warnings
+
+    from peftkit.errors import PeftkitWarning
+
+    data, init_from = cfg.data, cfg.adapter.init_from
+    sources = [*data.train_sources(), *data.eval_sources().values()]
+    if not init_from or not (form == "chat" or any(source.format == "chat" for source in sources)):
+        return
+    theirs = adapter_template(init_from)
+    if theirs is None or theirs == getattr(tok, "chat_template", None):
+        return
+    ours = "data.chat_template's" if data.chat_template else "the base tokenizer's own (no data.chat_template)"
+    file = Path(init_from) / ADAPTER_TEMPLATE
+    warnings.warn(PeftkitWarning(
+        f"adapter.init_from: {init_from} carries the chat template its run trained with ({file}), and this run renders "
+        f"its conversations in another, {ours}: the adapter trains on, and is evaluated and sampled, in a template it "
+        f"did not learn. To continue in the adapter's, set data.chat_template: {file}"), stacklevel=2)
+
+
 def resolved_template(value: str, base: Path) -> str:
     """data.chat_template as a recipe keeps it: a built-in's name or jinja text as given, a file's or a tokenizer
     directory's template read into its text (`base`: the recipe's directory, which a relative path starts from).
