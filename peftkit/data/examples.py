@@ -91,8 +91,9 @@ def check_eos(tok, fmt: str, format_key: str = "data.format", text_fields: str |
 def _prompts_and_targets(tok, rows: list[dict], fmt: str,
                          format_key: str = "data.format") -> list[tuple[list[int], list[int]]]:
     """Token ids of each row's part without loss (prompt) and part with loss (target, EOS appended: one, where the
-    target ends with its text, `without_eos`). The texts go to the tokenizer in two calls for all rows, not two per
-    row (20-25 % less CPU on 10k rows: transformers' own work per call). `format_key`: the key that set `fmt` (a data.train entry's own: data.train[1].format)."""
+    target ends with its text, `without_eos`). The texts go to the tokenizer in two calls for all rows, not two per row
+    (20-25 % less CPU on 10k rows: transformers' own work per call). `format_key`: the key that set `fmt` (a data.train
+    entry's own: data.train[1].format)."""
     check_eos(tok, fmt, format_key)
     texts = [(prompt, without_eos(tok, target))
              for prompt, target in (prompt_and_target_text(row, fmt) for row in rows)]

@@ -296,8 +296,8 @@ class Lora(Method):
         if isinstance(layer, ParamLora):
             # Each routed token's input (A's gradient) and its r values (B's), for each of its experts; per layer, the
             # factors as grouped_mm takes them (contiguous, r padded to 16 bytes). Not W + s B A: it is never made whole
-            # on transformers' own experts paths (`FactoredWeight`; peft's keeps the adapted stack whole). A bound: CPU's
-            # one node a product (`lowrank.grouped_lora`) keeps the input and r values alone, no factors' copy.
+            # on transformers' own experts paths (`FactoredWeight`; peft's keeps the adapted stack whole). A bound:
+            # CPU's one node a product (`lowrank.grouped_lora`) keeps the input and r values alone, no factors' copy.
             r = aligned_rank(layer.r, layer.param().element_size())
             return (layer.in_features + r) * layer.routed, layer.experts * (layer.in_features + layer.out_features) * r
         if isinstance(layer, (DoraLinear, DoraEmbedding)):
