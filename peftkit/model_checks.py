@@ -3,10 +3,10 @@ before its first step that config.json, the tokenizer and an empty model decide,
 its words. The model is built from config.json on the meta device (every module and shape, no value: nothing is
 read or allocated: a Llama-3-8B config built in 4 s here), and the adapter injected there as the memory estimate does.
 
-Not checked here, since they need more than that: the weights' fit to config.json (`modeling.load_model`), the data
-(its rows, but for a classifier's labels, preference pairs' bad rows and the first row's form; their lengths and the steps they
-make: warmup, evaluation and checkpoint intervals, and with training.epochs the method's own checks of the run,
-AdaLoRA's schedule; eval.max_new_tokens within a learned position table), data.packing's test of the model's
+Not checked here, since they need more than that: the weights' fit to config.json (`modeling.load_model`), the data (its
+rows, but for a classifier's labels, preference pairs' and KTO rows' bad rows and the first row's form; their lengths
+and the steps they make: warmup, evaluation and checkpoint intervals, and with training.epochs the method's own checks
+of the run, AdaLoRA's schedule; eval.max_new_tokens within a learned position table), data.packing's test of the model's
 attention (it compares logits), what depends on the device (flash attention's CUDA and package, though its refusal of
 float32 weights is made here; bfloat16 support, fp16 gradients, whether the estimate fits).
 """
@@ -14,6 +14,7 @@ float32 weights is made here; bfloat16 support, fp16 gradients, whether the esti
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -181,18 +182,24 @@ def _check_answer_rows(cfg: Recipe, tok) -> None:
 
 def _check_pairs(cfg: Recipe, tok) -> None:
     """Train's refusal of a bad preference pair (`peftkit.data.preference.check_pairs`: its FILE:LINE and problem, the
-    answers alike but for the EOS's text too, which needs the tokenizer), in data.train and each set of data.eval,
-    where they are local; read, not tokenized."""
+    answers alike but for the EOS's text too, which needs the tokenizer) or a bad KTO row (data.format unpaired:
+    `peftkit.data.unpaired.check_unpaired`), in data.train and each set of data.eval, where they are local; read, not
+    tokenized."""
     from peftkit.data.preference import check_pairs
+    from peftkit.data.unpaired import check_unpaired
 
     data = cfg.data
-    if data.format != "preference":
+    if data.format == "preference":
+        check = functools.partial(check_pairs, tok)
+    elif data.format == "unpaired":
+        check = check_unpaired
+    else:
         return
     if all(is_local_dataset(source.path) for source in data.train_sources()):
-        check_pairs(tok, data.train, data.train_split, data)
+        check(data.train, data.train_split, data)
     for name, source in data.eval_sources().items():
         if is_local_dataset(source.path):
-            check_pairs(tok, source.path, source.split, data.for_eval(name))
+            check(source.path, source.split, data.for_eval(name))
 
 
 def _warn_init_from_template(cfg: Recipe, tok) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import cli_user_error, load_fp32, make_recipe, save_random_adapter
+from conftest import cli_user_error, load_fp32, make_recipe, save_random_adapter, unplaced
 from peftkit.data import IGNORE_INDEX
 from peftkit.data.unpaired import load_unpaired, mismatched
 from peftkit.kto import KTOLoss
@@ -270,12 +270,19 @@ def test_recipe_mistakes_about_kto_are_said_at_their_key(tiny_llama, unpaired_da
     ({"prompt": "1+1=", "completion": "2", "label": "yes"}, "field 'label' must be true (a desirable answer) or false"),
     ({"prompt": [{"role": "user", "content": "1+1?"}], "completion": [{"role": "user", "content": "2"}],
       "label": True}, "'completion' has no assistant message"),
+    ({"prompt": "1+1=", "completion": "", "label": True}, "field 'completion' is empty"),
 ])
 def test_a_bad_row_is_named_by_its_line_and_field(tiny_llama, unpaired_data, tmp_path, monkeypatch, capsys, row, said):
+    """Said alike by train and by validate (data.train, and a set of data.eval's)."""
     bad = tmp_path / "bad.jsonl"
     write_jsonl(bad, [_row(1, 2, True), row])
     recipe = _kto_recipe(tmp_path, tiny_llama, {"train": bad, "eval": unpaired_data["eval"]})
     err = " ".join(cli_user_error(monkeypatch, capsys, "train", str(recipe)).split())
+    assert f"{bad}:2" in err and said in err, err
+    validated = cli_user_error(monkeypatch, capsys, "validate", str(recipe))
+    assert " ".join(unplaced(validated, recipe).split()) == err, validated
+    swapped = _kto_recipe(tmp_path / "swapped", tiny_llama, {"train": unpaired_data["train"], "eval": bad})
+    err = " ".join(cli_user_error(monkeypatch, capsys, "validate", str(swapped)).split())
     assert f"{bad}:2" in err and said in err, err
 
 

@@ -167,6 +167,25 @@ def kept_unpaired(built: list, desirable: list[bool], cfg: DataConfig, stats: di
     return Unpaired(examples, kept), cuts
 
 
+def usable_unpaired(row: object, cfg: DataConfig, at: str) -> tuple[str, tuple, bool] | None:
+    """`split_unpaired` of a usable row; None for a bad one, which raises under data.on_bad_rows: error, naming `at`."""
+    parsed = split_unpaired(row) if isinstance(row, dict) else None
+    if not isinstance(parsed, tuple):
+        usable_row(row, cfg, at)
+        return None
+    return parsed
+
+
+def check_unpaired(source: str | list, split: str | None, cfg: DataConfig) -> None:
+    """The bad rows `build_unpaired` refuses under data.on_bad_rows: error, in its words (FILE:LINE), read but not
+    tokenized: `peftkit validate`'s check of `source` (data.train, or a set of data.eval's, as train reads it)."""
+    if cfg.on_bad_rows == "skip":
+        return
+    rows, _, line_numbers, name = read_rows(source, split, cfg)
+    for i, row in enumerate(rows):
+        usable_unpaired(row, cfg, row_location(name, i, line_numbers))
+
+
 def build_unpaired(tok, source: str | list, split: str | None, cfg: DataConfig, chunk: int, tasks: bool = False):
     """(each usable row's example and mismatched example as `BuiltExample`s, its label, the counts so far, the
     data's name and line numbers). A bad row raises under data.on_bad_rows: error, naming its FILE:LINE."""
@@ -175,9 +194,8 @@ def build_unpaired(tok, source: str | list, split: str | None, cfg: DataConfig, 
     kept, fmt, first = [], None, None
     for i, row in enumerate(rows):
         at = row_location(name, i, line_numbers)
-        parsed = split_unpaired(row) if isinstance(row, dict) else None
-        if not isinstance(parsed, tuple):
-            usable_row(row, cfg, at)  # a bad row: said under data.on_bad_rows: error (naming it), else skipped
+        parsed = usable_unpaired(row, cfg, at)
+        if parsed is None:  # a bad row: said under data.on_bad_rows: error (naming it), else skipped
             stats["bad_rows"] += 1
             continue
         kind, answer, label = parsed  # (answer: its parts)
@@ -218,5 +236,5 @@ def build_unpaired(tok, source: str | list, split: str | None, cfg: DataConfig, 
     return list(zip(built[::2], built[1::2], strict=True)), [label for _, _, label, _ in kept], stats, name, line_numbers
 
 
-__all__ = ["Unpaired", "UnpairedCollator", "build_unpaired", "kept_unpaired", "load_unpaired", "mismatched",
-           "split_unpaired", "unpaired_problem"]
+__all__ = ["Unpaired", "UnpairedCollator", "build_unpaired", "check_unpaired", "kept_unpaired", "load_unpaired",
+           "mismatched", "split_unpaired", "unpaired_problem", "usable_unpaired"]
