@@ -21,6 +21,7 @@ from peftkit.methods import Method
 from peftkit.methods.monteclora import without_sampler
 from peftkit.methods.token_rows import TOKEN_ROWS
 from peftkit.methods.trainable_tokens import ROWS_PARAM
+from peftkit.methods.xlora_experts import expert_shown
 from peftkit.peft_format import (
     CONFIG_NAME,
     check_adapter_dir,
@@ -89,9 +90,11 @@ def inspect_adapter(path: str | Path) -> dict:
         | ({"named": raw["target_modules"]} if not targets and method.layer_targets and raw.get("target_modules")
            else {})
         # those of other adapters, by directory (X-LoRA's experts: its file holds its classifier alone; peftkit reads
-        # an export's own copies of them, which its peftkit.json names)
+        # an export's own copies of them, which its peftkit.json names; a hub expert as the file names it, with the
+        # snapshot peftkit reads)
         | ({"experts": {n: str(path / r) for n, r in meta.experts.items()} if meta.experts else
-            raw.get("adapters") or {}} if not method.targets_in_config else {}),
+            {n: expert_shown(v) for n, v in (raw.get("adapters") or {}).items()}}
+           if not method.targets_in_config else {}),
         "ranks": ranks,
         "modules_to_save": peft.modules_to_save or [],
         "trainable_params": trained,

@@ -144,6 +144,10 @@ def test_peft_adapter_of_hub_experts_loads_as_peft_reads_its_adapters(tiny_llama
     ours = load_adapted_model(str(tiny_llama), str(adapter))[0].eval()
     with torch.no_grad():
         assert torch.equal(ours(input_ids=IDS).logits, theirs.eval()(input_ids=IDS).logits)
+    # inspect names each expert as the file does, a hub one with the snapshot peftkit reads (was: 0 acme/expert-0)
+    snapshot = cache / "models--acme--expert-0" / "snapshots" / ("a" * 40)
+    assert (f"targets        the layers its 2 LoRA experts adapt, each in its own directory: 0 acme/expert-0 (hub; "
+            f"its snapshot here: {snapshot}), 1 experts/1") in describe(inspect_adapter(adapter))
     config = json.loads((adapter / "adapter_config.json").read_text())
     fix = ("Set it to the LoRA expert's directory (absolute, or relative to the working directory, as peft 0.21.2 "
            "reads it) or its hub id (user/name)")
@@ -157,6 +161,8 @@ def test_peft_adapter_of_hub_experts_loads_as_peft_reads_its_adapters(tiny_llama
             load_adapted_model(str(tiny_llama), str(adapter))
         assert str(e.value).startswith(f"{adapter / 'adapter_config.json'}: adapters['1'] is '{value}': {why}"), e.value
         assert str(e.value).endswith(fix + "."), e.value
+        shown = " (hub; not in the local Hugging Face cache)" if value == "acme/expert-9" else ""
+        assert f", 1 {value}{shown}\n" in "\n".join(describe(inspect_adapter(adapter)))
     shutil.copytree(experts["1"], tmp_path / "xlora" / "beside")  # (the old code read a relative value from there)
     (adapter / "adapter_config.json").write_text(json.dumps(config | {"adapters": {"0": "acme/expert-0",
                                                                                    "1": "beside"}}))

@@ -72,6 +72,25 @@ def peft_expert(name: str, value: str, config_file: Path) -> str:
         raise PeftkitError(f"{said}: {e} {fix}") from None
 
 
+def expert_shown(value: str) -> str:
+    """An expert as `peftkit inspect` shows it: as adapter_config.json's `adapters` names it, and for a hub id that is
+    no local directory (read as peft reads it: `peft_expert`), the snapshot in the local Hugging Face cache that
+    peftkit reads (looked up there, not downloaded), or that there is none."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from peftkit.hub import hub_shaped
+
+    if not isinstance(value, str) or Path(value).absolute().is_dir() or not hub_shaped(value):
+        return value
+    name, _, revision = value.partition("@")
+    user, repo, *subfolder = name.split("/")
+    inside = "/".join([*subfolder, "adapter_config.json"])
+    found = try_to_load_from_cache(f"{user}/{repo}", inside, revision=revision or None)
+    if not isinstance(found, str):  # (None: not cached; a sentinel: cached as missing)
+        return f"{value} (hub; not in the local Hugging Face cache)"
+    return f"{value} (hub; its snapshot here: {Path(found).parent})"
+
+
 def copied_experts(directory: Path, recorded: dict[str, str], config_file: Path) -> dict[str, str] | None:
     """The experts' copies in the X-LoRA directory `directory` (peftkit's export: its peftkit.json `experts`), by
     name, as paths; None for one without them (peft's, or peftkit's from before they were copied), whose experts are
