@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from peftkit.adapter_base import load_adapted_model
 from peftkit.adapters import inject_adapters
-from peftkit.errors import PeftkitError
+from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.inspect import inspect_adapter
 from peftkit.inspect_text import describe
 from peftkit.methods.xlora import XLoraConfig
@@ -141,14 +141,35 @@ def test_peft_adapter_of_hub_experts_loads_as_peft_reads_its_adapters(tiny_llama
         for p in _classifier(theirs).values():
             p.add_(torch.randn(p.shape))
     adapter = _save_as_peft_loads_it(theirs, tmp_path / "xlora")
-    ours = load_adapted_model(str(tiny_llama), str(adapter))[0].eval()
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        ours = load_adapted_model(str(tiny_llama), str(adapter))[0].eval()
+    assert not [w for w in said if issubclass(w.category, PeftkitWarning)], [str(w.message) for w in said]
     with torch.no_grad():
-        assert torch.equal(ours(input_ids=IDS).logits, theirs.eval()(input_ids=IDS).logits)
+        expected = theirs.eval()(input_ids=IDS).logits
+        assert torch.equal(ours(input_ids=IDS).logits, expected)
     # inspect names each expert as the file does, a hub one with the snapshot peftkit reads (was: 0 acme/expert-0)
     snapshot = cache / "models--acme--expert-0" / "snapshots" / ("a" * 40)
     assert (f"targets        the layers its 2 LoRA experts adapt, each in its own directory: 0 acme/expert-0 (hub; "
             f"its snapshot here: {snapshot}), 1 experts/1") in describe(inspect_adapter(adapter))
+    # a revision, which peft 0.21.2 cannot load: peftkit loads it, with a warning naming the key (was: none)
     config = json.loads((adapter / "adapter_config.json").read_text())
+    pinned = "acme/expert-0@" + "a" * 40
+    (adapter / "adapter_config.json").write_text(json.dumps(config | {"adapters": {"0": pinned, "1": "experts/1"}}))
+    with pytest.warns(PeftkitWarning) as said:
+        ours = load_adapted_model(str(tiny_llama), str(adapter))[0].eval()
+    assert str(said[0].message) == (
+        f"{adapter / 'adapter_config.json'}: adapters['0'] is '{pinned}', a hub adapter at revision '{'a' * 40}': "
+        "peftkit loads it, and peft 0.21.2 would not: it reads each value whole as a directory or a repository id "
+        f"(\"Can't find 'adapter_config.json' at '{pinned}'\"). For peft's users, set it to the expert's directory, "
+        f"or its hub id alone (acme/expert-0: its main branch, which may hold another expert than '{'a' * 40}').")
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=IDS).logits, expected)
+    with pytest.raises(ValueError, match=re.escape(f"Can't find 'adapter_config.json' at '{pinned}'")):
+        _peft_xlora(tiny_llama, {"0": pinned, "1": "experts/1"})
+    with pytest.warns(PeftkitWarning, match=re.escape(f"adapters['0'] is '{pinned}', a hub adapter at revision")):
+        info = inspect_adapter(adapter)  # (inspect reads it as peftkit loads it, and says so too)
+    assert f"directory: 0 {pinned} (hub; its snapshot here: {snapshot}), 1" in "\n".join(describe(info))
     fix = ("Set it to the LoRA expert's directory (absolute, or relative to the working directory, as peft 0.21.2 "
            "reads it) or its hub id (user/name)")
     for value, why in [("acme/expert-9", f"Adapter acme/expert-9: no such local directory ({tmp_path}/work/"
@@ -762,6 +783,7 @@ def test_a_hub_expert_in_a_subfolder_is_exported_with_a_warning_peft_cannot_load
     from peftkit.errors import PeftkitWarning
     from peftkit.hub import hub_adapter
     from peftkit.methods.xlora import XLora
+    from peftkit.methods.xlora_experts import peft_expert
     from tests.test_hub import _publish_to
 
     cache = tmp_path / "hub"
@@ -783,6 +805,12 @@ def test_a_hub_expert_in_a_subfolder_is_exported_with_a_warning_peft_cannot_load
         "config= to PeftModel.from_pretrained, as the model card shows"]
     with pytest.raises(ValueError, match="Can't find 'adapter_config.json' at 'acme/experts/math'"):
         _peft_xlora(tiny_llama, {"0": "acme/experts/math", "1": "acme/expert-1"})
+    with pytest.warns(PeftkitWarning) as said:  # (peftkit loads such a file, and says peft would not)
+        peft_expert("0", "acme/experts/math", tmp_path / "adapter_config.json")
+    assert str(said[0].message).startswith(
+        f"{tmp_path / 'adapter_config.json'}: adapters['0'] is 'acme/experts/math', a hub adapter in a subfolder of "
+        "acme/experts: peftkit loads it, and peft 0.21.2 would not"), said[0].message
+    assert str(said[0].message).endswith("For peft's users, set it to the expert's directory."), said[0].message
     by_subfolder = peft.XLoraConfig(task_type="CAUSAL_LM", hidden_size=32,
                                     adapters={"0": "acme/experts", "1": "acme/expert-1"})
     by_subfolder._subfolders = ["math", None]

@@ -67,9 +67,32 @@ def peft_expert(name: str, value: str, config_file: Path) -> str:
     if not hub_shaped(value):
         raise PeftkitError(f"{said}: no such directory ({local}), and no hub id. {fix}")
     try:
-        return hub_adapter(value, tried=str(local))
+        snapshot = hub_adapter(value, tried=str(local))
     except PeftkitError as e:
         raise PeftkitError(f"{said}: {e} {fix}") from None
+    _warn_of_peft_unloadable(said, value)
+    return snapshot
+
+
+def _warn_of_peft_unloadable(said: str, value: str) -> None:
+    """Warns of a hub expert that peftkit loads (`hub_adapter`) and peft 0.21.2 cannot: one at a revision
+    (`user/name@REV`; peft reads no revision in `adapters`) or in a subfolder of its repository (`user/name/SUBFOLDER`):
+    peft takes either whole for a repository id ("Can't find 'adapter_config.json' at 'user/name@REV'")."""
+    import warnings
+
+    from peftkit.errors import PeftkitWarning
+
+    name, _, revision = value.partition("@")
+    user, repo, *subfolder = name.split("/")
+    why = [f"at revision '{revision}'"] * bool(revision) + [f"in a subfolder of {user}/{repo}"] * bool(subfolder)
+    if not why:
+        return
+    fix = "the expert's directory" + ("" if subfolder else f", or its hub id alone ({name}: its main branch, which "
+                                                            f"may hold another expert than '{revision}')")
+    warnings.warn(PeftkitWarning(
+        f"{said}, a hub adapter {' and '.join(why)}: peftkit loads it, and peft 0.21.2 would not: it reads each value "
+        f"whole as a directory or a repository id (\"Can't find 'adapter_config.json' at '{value}'\"). For peft's "
+        f"users, set it to {fix}."), stacklevel=3)
 
 
 def expert_shown(value: str) -> str:
