@@ -5,14 +5,16 @@ Decoding goes through transformers' `generate` with its KV cache, batched with l
 then keeps the pads out of attention, and the position ids start at each prompt's first real token); it stops at
 the tokenizer's EOS or the model's own end-of-turn tokens, or at a stop string (--stop), which the text is cut
 before. Under dynamic RoPE past the original context it decodes without the cache, as under longrope past it
-where generate keeps the keys its short factors rotated (`stale_cache_past_context`), and batches a prompt whose
-answer passes that context (or longrope's) only with prompts of its own length (`longest_padded`). The test
+where generate keeps the keys its short factors rotated (`stale_cache_past_context`); a prompt-family adapter, whose
+virtual tokens come in a cache generate keeps, then decodes by forwards of its own (`_whole_forwards`). It batches a
+prompt whose answer passes that context (or longrope's) only with prompts of its own length (`longest_padded`). The test
 reference is cache-free greedy decoding — one full forward of the whole sequence per new token — which
 `peftkit generate` must match token for token, batched or not.
 """
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 import warnings
@@ -164,16 +166,22 @@ def generate_ids(model: nn.Module, tok, prompts: list[list[int]], sampling: Samp
     device = next(model.parameters()).device
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    # A prompt-family adapter adds its cache of virtual tokens and the mask with them in front (peftkit.methods.virtual).
     task_ids = torch.tensor(tasks, device=device) if tasks and None not in tasks else None
-    extra = generation_inputs(model, mask, task_ids)
-    inputs = {"input_ids": ids, "attention_mask": mask} | extra
     # Dynamic RoPE past the original context decodes without a KV cache (a forward of the whole sequence per token,
     # as evaluation scores it): cached keys were rotated by a shorter sequence's frequencies; so does longrope past it
-    # where generate keeps the keys the short factors rotated (all but Phi-3's family).
-    cached = bool(extra) or not stale_cache_past_context(model, width + sampling.max_new_tokens)
+    # where generate keeps the keys the short factors rotated (all but Phi-3's family). A prompt-family adapter's
+    # virtual tokens take the first positions.
+    virtual = virtual_tokens(model)
+    positions = getattr(virtual, "num_virtual_tokens", 0) + width + sampling.max_new_tokens
+    stale = stale_cache_past_context(model, positions, prefilled=virtual is not None)
+    # A prompt-family adapter adds its cache of virtual tokens and the mask with them in front
+    # (peftkit.methods.virtual), a cache generate would keep: where it goes stale, the adapter's own forwards of the
+    # whole sequence decode (`_whole_forwards`).
+    whole = virtual is not None and stale
+    extra = generation_inputs(model, mask, task_ids) if not whole else {}
+    inputs = {"input_ids": ids, "attention_mask": mask} | extra
     config = GenerationConfig(max_new_tokens=sampling.max_new_tokens, do_sample=sampling.temperature > 0,
-                              pad_token_id=pad, eos_token_id=stops, use_cache=cached, **sampling.options())
+                              pad_token_id=pad, eos_token_id=stops, use_cache=not stale, **sampling.options())
     decode = decode or (lambda ids: tok.decode(ids, skip_special_tokens=True))
     ends = [_StopAtText(sampling.stop, width, set(stops), decode)] if sampling.stop else None
     # Dynamic RoPE starts from the model's own frequencies, as a fresh model's generate does: transformers keeps those
@@ -181,9 +189,13 @@ def generate_ids(model: nn.Module, tok, prompts: list[list[int]], sampling: Samp
     # answered with the frequencies of the batch before (or of the loss batches `peftkit eval` runs first).
     # Layers that read task ids (Poly) get each row's for every step (`generation_tasks`).
     with torch.no_grad(), _without_model_defaults(model), fresh_dynamic_rope(model), generation_tasks(model, task_ids):
-        out = model.generate(**inputs, generation_config=config, streamer=streamer,
-                             logits_processor=_penalty_past_pads(model, sampling, prompts, width),
-                             stopping_criteria=ends)
+        if whole:
+            reads = task_ids is not None and virtual.method.reads_task_ids
+            out = _whole_forwards(model, ids, mask, sampling, stops, pad, streamer, ends, task_ids if reads else None)
+        else:
+            out = model.generate(**inputs, generation_config=config, streamer=streamer,
+                                 logits_processor=_penalty_past_pads(model, sampling, prompts, width),
+                                 stopping_criteria=ends)
     completions = []
     for r, row in enumerate(out[:, width:].tolist()):
         row = row[:next((i for i, t in enumerate(row) if t in stops), len(row))]
@@ -191,6 +203,54 @@ def generate_ids(model: nn.Module, tok, prompts: list[list[int]], sampling: Samp
             row = row[:ends[0].ends.get(r, len(row))]
         completions.append(row)
     return completions
+
+
+def _whole_forwards(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, sampling: Sampling, stops: list[int],
+                    pad: int, streamer=None, ends: list | None = None,
+                    task_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """`generate`'s decoding of a left-padded batch (`ids`, `mask`) for a prompt-family adapter where a KV cache goes
+    stale: each new token from a forward of the whole sequence, the adapter putting its virtual tokens in front as
+    in training and evaluation. generate would keep the cache they come in (`generation_inputs`), and without it
+    hands the model position ids, which the adapter refuses (as packing). The same processors and token choice as
+    generate's sampling loop (`_processors`; the softmax's torch.multinomial, seeded by the caller), a row that met a
+    stop token going on with pads; `ends`: generate_ids' stopping criteria. The prompts with their answers."""
+    processors = _processors(sampling, pads=(mask == 0).sum(1))
+    last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(type(model).forward).parameters else {}
+    tasks = {"task_ids": task_ids} if task_ids is not None else {}
+    stop = torch.tensor(stops, device=ids.device)
+    done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
+    if streamer is not None:
+        streamer.put(ids.cpu())
+    for _ in range(sampling.max_new_tokens):
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **last, **tasks).logits[:, -1].float()
+        scores = processors(ids, logits)
+        new = torch.multinomial(scores.softmax(-1), 1)[:, 0] if sampling.temperature > 0 else scores.argmax(-1)
+        new = torch.where(done, pad, new)
+        ids, mask = torch.cat([ids, new[:, None]], dim=1), torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+        if streamer is not None:
+            streamer.put(new.cpu())
+        done |= torch.isin(new, stop) | (ends[0](ids, scores) if ends else False)
+        if done.all():
+            break
+    if streamer is not None:
+        streamer.end()
+    return ids
+
+
+def _processors(sampling: Sampling, pads: torch.Tensor):
+    """The logits processors generate makes of `sampling.options()` (transformers 5's `_get_logits_processor`, in its
+    order): the repetition penalty, past each row's `pads`, then, when sampling, the temperature and the cuts."""
+    from transformers import (LogitsProcessorList, MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
+                              TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+    made = [RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty, prompt_ignore_length=pads)] if (
+        sampling.repetition_penalty != 1) else []
+    if sampling.temperature > 0:
+        made += [TemperatureLogitsWarper(sampling.temperature)] if sampling.temperature != 1 else []
+        made += [TopKLogitsWarper(sampling.top_k)] if sampling.top_k else []
+        made += [TopPLogitsWarper(sampling.top_p)] if sampling.top_p < 1 else []
+        made += [MinPLogitsWarper(sampling.min_p)] if sampling.min_p else []
+    return LogitsProcessorList(made)
 
 
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:

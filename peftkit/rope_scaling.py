@@ -126,20 +126,24 @@ prepare_inputs_for_generation drops the cache once the sequence passes config.or
 rotary embedding (MiniCPM3's config.json sets it; a Llama or Mistral config may) and keep the cache."""
 
 
-def stale_cache_past_context(model, positions: int) -> bool:
+def stale_cache_past_context(model, positions: int, prefilled: bool = False) -> bool:
     """Whether a KV cache of `positions` holds keys rotated otherwise than a forward of the whole sequence rotates
     them. Under dynamic RoPE past its original context: transformers rotates each new key by the frequencies of the
     sequence's length then (SmolLM2-135M-Instruct at 128 positions, dynamic x2: a 200-token prompt's greedy answer
     left the cache-free one at its 12th token). Under longrope past original_max_position_embeddings, in a model
     whose generate does not compute its cache again there (`REBUILT_AT_THE_SWITCH`): the keys cached before the
     switch keep the short factors (a tiny Llama and a tiny MiniCPM3, 64 original positions, a 56-token prompt: at
-    the 11th and the 10th new token)."""
+    the 11th and the 10th new token). `prefilled`: the cache comes to generate holding tokens (the prompt family's
+    virtual tokens, counted in `positions`), which Phi-3's family does not count: it drops the cache where the input
+    ids pass original_max_position_embeddings and the cache holds no more than that many, and one with the virtual
+    tokens in front holds more then, so it is kept (a tiny Phi-3, 8 virtual tokens and a 40-token prompt: prompt and
+    prefix tuning left the cache-free answer at their 19th and 18th new token)."""
     context = dynamic_context(model)
     if context is not None and context < positions:
         return True
     context = longrope_context(model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return context is not None and context < positions and model_type not in REBUILT_AT_THE_SWITCH
+    return context is not None and context < positions and (prefilled or model_type not in REBUILT_AT_THE_SWITCH)
 
 
 def learned_positions(config) -> int | None:

@@ -525,3 +525,79 @@ def test_generation_past_the_context_under_longrope_without_a_rebuilt_cache_is_c
     prompts = [prompt[-30:], prompt]
     answers = generate_texts(model, tok, [Prompt(p, "") for p in prompts], Sampling(max_new_tokens=44), batch_size=2)
     assert answers == [tok.decode(_greedy(model, p, 44), skip_special_tokens=True) for p in prompts]
+
+
+def _tiny_longrope(arch: str, tok) -> torch.nn.Module:
+    """A tiny Llama or Phi-3 with longrope: 64 original positions of 256, long factors up to 8."""
+    import transformers
+
+    config_class, model_class = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
+                                 "phi3": ("Phi3Config", "Phi3ForCausalLM")}[arch]
+    torch.manual_seed(0)
+    return getattr(transformers, model_class)(getattr(transformers, config_class)(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4 * POSITIONS, original_max_position_embeddings=POSITIONS,
+        initializer_range=0.1, tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4,
+                         "long_factor": [1.0, 2.0, 4.0, 8.0], "original_max_position_embeddings": POSITIONS})).eval()
+
+
+@pytest.mark.parametrize(("rope", "method"), [("longrope-llama", "prompt_tuning"), ("longrope-llama", "prefix_tuning"),
+                                              ("longrope-phi3", "prompt_tuning"), ("dynamic", "prefix_tuning")])
+def test_a_prompt_family_adapter_past_the_rope_switch_answers_as_its_whole_forwards(rope, method, short_llama):
+    """The prompt family's virtual tokens come to generate in a prefilled KV cache, which it kept past the RoPE switch
+    (dynamic past the original context, longrope past original_max_position_embeddings), where a forward of the whole
+    sequence rotates the keys otherwise: with 8 virtual tokens and a 40-token prompt, the answer left the model's own
+    greedy one (a forward of the whole sequence per token, the adapter putting its virtual tokens in front, as a
+    user's `model(input_ids=...)` runs) at the 18th or 19th new token under longrope (Phi-3's too: its generate, which
+    computes the cache again at the switch, counts the input ids and not the cache's virtual tokens, and never does),
+    at the 29th under dynamic x4. Decoded by whole forwards there, it is that answer."""
+    from peftkit.adapters import inject_adapters
+    from peftkit.decoding import Sampling, generate_ids
+    from peftkit.methods.prefix_tuning import PrefixTuningConfig
+    from peftkit.methods.prompt_tuning import PromptTuningConfig
+    from peftkit.methods.virtual import generation_inputs
+    from peftkit.tiny import build_char_tokenizer
+    from tests.conftest import random_adapters
+
+    if rope == "dynamic":
+        model, tok = _scaled(short_llama, {"type": "dynamic", "factor": 4}), AutoTokenizer.from_pretrained(short_llama)
+    else:
+        tok = build_char_tokenizer()
+        model = _tiny_longrope(rope.split("-")[1], tok)
+    config = {"prompt_tuning": PromptTuningConfig, "prefix_tuning": PrefixTuningConfig}[method]
+    torch.manual_seed(0)
+    inject_adapters(model, config(method=method, num_virtual_tokens=8))
+    random_adapters(model, seed=1, std=0.3)
+    prompt = torch.randint(4, 90, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    got = generate_ids(model, tok, [prompt], Sampling(max_new_tokens=44))[0]
+    assert 8 + len(prompt) + len(got) > POSITIONS + 16 and got == _greedy(model, prompt, len(got))
+    ids = torch.tensor([prompt])
+    with torch.no_grad():  # what generate with the prefilled cache gives (the old code)
+        cached = model.generate(ids, **generation_inputs(model, torch.ones_like(ids)), max_new_tokens=len(got),
+                                do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id)
+    assert cached[0, len(prompt):].tolist() != got
+
+
+def test_whole_forward_decoding_samples_as_transformers_generate():
+    """The prompt family's decoding by whole forwards (`_whole_forwards`) chooses each token as transformers' generate
+    does without a cache: on a model without virtual tokens, the same ids, sampled (temperature, top-k, top-p, min-p
+    and the repetition penalty, one seed) and greedy with the penalty."""
+    from transformers import GenerationConfig
+
+    from peftkit.decoding import Sampling, _whole_forwards
+    from peftkit.tiny import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    model = _tiny_longrope("llama", tok)
+    ids = torch.randint(4, 90, (1, 40), generator=torch.Generator().manual_seed(0))
+    for sampling in (Sampling(30, temperature=0.8, top_k=20, top_p=0.9, min_p=0.02, repetition_penalty=1.3),
+                     Sampling(30, repetition_penalty=2.0)):
+        config = GenerationConfig(max_new_tokens=30, do_sample=sampling.temperature > 0, use_cache=False,
+                                  pad_token_id=tok.pad_token_id, eos_token_id=[tok.eos_token_id], **sampling.options())
+        with torch.no_grad():
+            torch.manual_seed(5)
+            ours = _whole_forwards(model, ids, torch.ones_like(ids), sampling, [tok.eos_token_id], tok.pad_token_id)
+            torch.manual_seed(5)
+            assert torch.equal(ours, model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config))

@@ -6,14 +6,16 @@ forward pre-hook. On a fresh forward (no cache, or an empty one: training, evalu
 hook adds the method's n virtual tokens in front of every sequence, as peft's `PeftModelForCausalLM.forward` does:
 
     prompt tuning, P-tuning   inputs_embeds = [prompt; embed(input_ids)]   labels padded with -100, and the
-                              first n logits cut off again, so callers see one logit per input token
+                              first n logits cut off again, so callers see one logit per input token (or
+                              the last `logits_to_keep` of them, as asked)
     prefix tuning             a `Cache` holding n key/value prefixes per layer (`Cache.update`, the public API)
 
 In both the attention mask gets n ones in front, and with a mask the position ids are explicit: the mask's running
 count minus one, so a left-padded row starts where an unpadded one does (n for the first real token, as peft's
 default positions for an unpadded row). A forward with a non-empty cache is a later decoding step: it passes
 through. Generation (`generation_inputs`) fills the cache with the virtual tokens first and hands `generate` the
-mask with n ones in front; its cumulative-sum position ids then agree with the cache-free forward's.
+mask with n ones in front; its cumulative-sum position ids then agree with the cache-free forward's. Where a KV cache
+goes stale (dynamic RoPE or longrope past the switch: `peftkit.decoding`), each new token is a fresh forward instead.
 
 What trains is a table (n, width) and, for P-tuning and a projected prefix, an encoder over it; what peft saves,
 and peftkit exports, is its output, `prompt_embeddings`. These methods change no weight and cannot be merged.
@@ -167,10 +169,13 @@ class VirtualTokens(nn.Module):
         self.method.add_virtual_tokens(self, model, kwargs, batch)
         if mask is not None:
             kwargs["position_ids"] = positions(mask)[:, -(length + self.strip):]
+        keep = kwargs.get("logits_to_keep")
+        if isinstance(keep, int) and 0 < keep <= length:  # the last `keep` logits, the input's own: none to cut
+            self.strip = 0
         return (), kwargs
 
     def after_forward(self, model: nn.Module, args: tuple, output: Any) -> Any:
-        """The forward hook: one logit per input token, as the caller gave them."""
+        """The forward hook: one logit per input token, as the caller gave them (the last `logits_to_keep`)."""
         if self.strip and getattr(output, "logits", None) is not None:
             output.logits = output.logits[:, self.strip:]
         self.strip = 0
