@@ -1,20 +1,19 @@
 """The decoding that `peftkit generate`, `peftkit chat`, `peftkit eval` and training's samples share.
 
 Greedy by default (`temperature: 0`); sampling with a temperature (and top-p, top-k, min-p cuts) is seeded.
-Decoding goes through transformers' `generate` with its KV cache, batched with left padding (the attention mask
-then keeps the pads out of attention, and the position ids start at each prompt's first real token); it stops at
-the tokenizer's EOS or the model's own end-of-turn tokens, or at a stop string (--stop), which the text is cut
-before. Under dynamic RoPE past the original context it decodes without the cache, as under longrope past it
-where generate keeps the keys its short factors rotated (`stale_cache_past_context`); a prompt-family adapter, whose
-virtual tokens come in a cache generate keeps, then decodes by forwards of its own (`_whole_forwards`). It batches a
-prompt whose answer passes that context (or longrope's) only with prompts of its own length (`longest_padded`). The test
-reference is cache-free greedy decoding — one full forward of the whole sequence per new token — which
-`peftkit generate` must match token for token, batched or not.
+Decoding goes through transformers' `generate` with its KV cache, batched with left padding (the attention mask then
+keeps the pads out of attention, and the position ids start at each prompt's first real token); it stops at the
+tokenizer's EOS or the model's own end-of-turn tokens, or at a stop string (--stop), which the text is cut before.
+Under dynamic RoPE past the original context it decodes without the cache, as under longrope past it where generate
+keeps the keys its short factors rotated (`stale_cache_past_context`); a prompt-family adapter, whose virtual tokens
+come in a cache generate keeps, then decodes by forwards of its own (`peftkit.whole_forwards`). It batches a prompt
+whose answer passes that context (or longrope's) only with prompts of its own length (`longest_padded`). The test
+reference is cache-free greedy decoding — one full forward of the whole sequence per new token — which `peftkit
+generate` must match token for token, batched or not.
 """
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import math
 import warnings
@@ -30,6 +29,7 @@ from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.methods.task_routing import generation_tasks
 from peftkit.methods.virtual import generation_inputs, text_config, virtual_tokens
 from peftkit.rope_scaling import batch_scaled_context, fresh_dynamic_rope, learned_positions, stale_cache_past_context
+from peftkit.whole_forwards import whole_forwards
 
 
 MIN_TEMPERATURE = 1e-5
@@ -176,7 +176,7 @@ def generate_ids(model: nn.Module, tok, prompts: list[list[int]], sampling: Samp
     stale = stale_cache_past_context(model, positions, prefilled=virtual is not None)
     # A prompt-family adapter adds its cache of virtual tokens and the mask with them in front
     # (peftkit.methods.virtual), a cache generate would keep: where it goes stale, the adapter's own forwards of the
-    # whole sequence decode (`_whole_forwards`).
+    # whole sequence decode (`peftkit.whole_forwards`).
     whole = virtual is not None and stale
     extra = generation_inputs(model, mask, task_ids) if not whole else {}
     inputs = {"input_ids": ids, "attention_mask": mask} | extra
@@ -191,7 +191,7 @@ def generate_ids(model: nn.Module, tok, prompts: list[list[int]], sampling: Samp
     with torch.no_grad(), _without_model_defaults(model), fresh_dynamic_rope(model), generation_tasks(model, task_ids):
         if whole:
             reads = task_ids is not None and virtual.method.reads_task_ids
-            out = _whole_forwards(model, ids, mask, sampling, stops, pad, streamer, ends, task_ids if reads else None)
+            out = whole_forwards(model, ids, mask, sampling, stops, pad, streamer, ends, task_ids if reads else None)
         else:
             out = model.generate(**inputs, generation_config=config, streamer=streamer,
                                  logits_processor=_penalty_past_pads(model, sampling, prompts, width),
@@ -203,54 +203,6 @@ def generate_ids(model: nn.Module, tok, prompts: list[list[int]], sampling: Samp
             row = row[:ends[0].ends.get(r, len(row))]
         completions.append(row)
     return completions
-
-
-def _whole_forwards(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, sampling: Sampling, stops: list[int],
-                    pad: int, streamer=None, ends: list | None = None,
-                    task_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """`generate`'s decoding of a left-padded batch (`ids`, `mask`) for a prompt-family adapter where a KV cache goes
-    stale: each new token from a forward of the whole sequence, the adapter putting its virtual tokens in front as
-    in training and evaluation. generate would keep the cache they come in (`generation_inputs`), and without it
-    hands the model position ids, which the adapter refuses (as packing). The same processors and token choice as
-    generate's sampling loop (`_processors`; the softmax's torch.multinomial, seeded by the caller), a row that met a
-    stop token going on with pads; `ends`: generate_ids' stopping criteria. The prompts with their answers."""
-    processors = _processors(sampling, pads=(mask == 0).sum(1))
-    last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(type(model).forward).parameters else {}
-    tasks = {"task_ids": task_ids} if task_ids is not None else {}
-    stop = torch.tensor(stops, device=ids.device)
-    done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
-    if streamer is not None:
-        streamer.put(ids.cpu())
-    for _ in range(sampling.max_new_tokens):
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **last, **tasks).logits[:, -1].float()
-        scores = processors(ids, logits)
-        new = torch.multinomial(scores.softmax(-1), 1)[:, 0] if sampling.temperature > 0 else scores.argmax(-1)
-        new = torch.where(done, pad, new)
-        ids, mask = torch.cat([ids, new[:, None]], dim=1), torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
-        if streamer is not None:
-            streamer.put(new.cpu())
-        done |= torch.isin(new, stop) | (ends[0](ids, scores) if ends else False)
-        if done.all():
-            break
-    if streamer is not None:
-        streamer.end()
-    return ids
-
-
-def _processors(sampling: Sampling, pads: torch.Tensor):
-    """The logits processors generate makes of `sampling.options()` (transformers 5's `_get_logits_processor`, in its
-    order): the repetition penalty, past each row's `pads`, then, when sampling, the temperature and the cuts."""
-    from transformers import (LogitsProcessorList, MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
-                              TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
-
-    made = [RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty, prompt_ignore_length=pads)] if (
-        sampling.repetition_penalty != 1) else []
-    if sampling.temperature > 0:
-        made += [TemperatureLogitsWarper(sampling.temperature)] if sampling.temperature != 1 else []
-        made += [TopKLogitsWarper(sampling.top_k)] if sampling.top_k else []
-        made += [TopPLogitsWarper(sampling.top_p)] if sampling.top_p < 1 else []
-        made += [MinPLogitsWarper(sampling.min_p)] if sampling.min_p else []
-    return LogitsProcessorList(made)
 
 
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:

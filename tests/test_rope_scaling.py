@@ -581,13 +581,14 @@ def test_a_prompt_family_adapter_past_the_rope_switch_answers_as_its_whole_forwa
 
 
 def test_whole_forward_decoding_samples_as_transformers_generate():
-    """The prompt family's decoding by whole forwards (`_whole_forwards`) chooses each token as transformers' generate
+    """The prompt family's decoding by whole forwards (`peftkit.whole_forwards`) chooses each token as transformers' generate
     does without a cache: on a model without virtual tokens, the same ids, sampled (temperature, top-k, top-p, min-p
     and the repetition penalty, one seed) and greedy with the penalty."""
     from transformers import GenerationConfig
 
-    from peftkit.decoding import Sampling, _whole_forwards
+    from peftkit.decoding import Sampling
     from peftkit.tiny import build_char_tokenizer
+    from peftkit.whole_forwards import whole_forwards
 
     tok = build_char_tokenizer()
     model = _tiny_longrope("llama", tok)
@@ -598,6 +599,6 @@ def test_whole_forward_decoding_samples_as_transformers_generate():
                                   pad_token_id=tok.pad_token_id, eos_token_id=[tok.eos_token_id], **sampling.options())
         with torch.no_grad():
             torch.manual_seed(5)
-            ours = _whole_forwards(model, ids, torch.ones_like(ids), sampling, [tok.eos_token_id], tok.pad_token_id)
+            ours = whole_forwards(model, ids, torch.ones_like(ids), sampling, [tok.eos_token_id], tok.pad_token_id)
             torch.manual_seed(5)
             assert torch.equal(ours, model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config))
