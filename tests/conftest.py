@@ -277,6 +277,23 @@ def base_with_infinities(base: Path, out: Path) -> Path:
     return out
 
 
+def starting_from(recipe: Path, adapter: Path) -> Path:
+    """`recipe`, rewritten to start from `adapter` (adapter.init_from alone: its settings are the adapter's)."""
+    import yaml
+
+    raw = yaml.safe_load(recipe.read_text())
+    raw["adapter"] = {"init_from": str(adapter)}
+    recipe.write_text(yaml.safe_dump(raw))
+    return recipe
+
+
+def logged_steps(run: Path) -> list[dict]:
+    """The training steps' lines of `run`'s metrics.jsonl (those with a loss)."""
+    import json
+
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+
 def save_random_adapter(base: Path, cfg, out: Path, seed: int, std: float = 0.3) -> Path:
     """A PEFT-format adapter of method `cfg` on `base`, far from identity (`random_adapters`; saved modules moved
     too), saved as `peftkit train` exports it."""

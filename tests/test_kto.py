@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import cli_user_error, load_fp32, make_recipe, save_random_adapter, unplaced
+from conftest import cli_user_error, load_fp32, logged_steps, make_recipe, save_random_adapter, starting_from, unplaced
 from peftkit.data import IGNORE_INDEX
 from peftkit.data.unpaired import load_unpaired, mismatched
 from peftkit.kto import KTOLoss
@@ -105,11 +105,9 @@ def _ours_and_trl_s(tiny_llama: Path, tmp_path: Path, rows: list[dict], steps: i
     recipe = _kto_recipe(tmp_path, tiny_llama, {"train": tmp_path / "rows.jsonl", "eval": tmp_path / "rows.jsonl"},
                          max_steps=steps, batch_size=len(rows), optimizer="sgd", lr=lr, scheduler="constant",
                          warmup_steps=0, kto_beta=beta, kto_undesirable_weight=1.5)
-    raw = yaml.safe_load(recipe.read_text())
-    raw["adapter"] = {"init_from": str(sft)}
-    recipe.write_text(yaml.safe_dump(raw))
+    starting_from(recipe, sft)
     train(load_recipe(recipe))
-    ours = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    ours = logged_steps(tmp_path / "run")
 
     model = PeftModel.from_pretrained(load_fp32(tiny_llama).train(), sft, is_trainable=True)
     args = trl.KTOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=len(rows), max_steps=steps,

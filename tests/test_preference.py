@@ -13,7 +13,7 @@ import torch
 import yaml
 from torch.nn import functional as F
 
-from conftest import cli_user_error, load_fp32, make_recipe, random_adapters, unplaced
+from conftest import cli_user_error, load_fp32, logged_steps, make_recipe, random_adapters, starting_from, unplaced
 from peftkit.data import IGNORE_INDEX, load_examples
 from peftkit.data.preference import PairCollator, load_pairs
 from peftkit.errors import PeftkitError
@@ -361,11 +361,9 @@ def test_dpo_from_an_sft_adapter_trains_as_trl_s_dpo_trainer(tiny_llama, tmp_pat
     recipe = _dpo_recipe(tmp_path, tiny_llama, {"train": tmp_path / "pairs.jsonl", "eval": tmp_path / "pairs.jsonl"},
                          max_steps=steps, batch_size=4, optimizer="sgd", lr=lr, scheduler="constant", warmup_steps=0,
                          dpo_beta=beta)
-    raw = yaml.safe_load(recipe.read_text())
-    raw["adapter"] = {"init_from": str(sft)}  # (its settings are the adapter's)
-    recipe.write_text(yaml.safe_dump(raw))
+    starting_from(recipe, sft)
     train(load_recipe(recipe))
-    ours = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    ours = logged_steps(tmp_path / "run")
 
     model = PeftModel.from_pretrained(load_fp32(tiny_llama).train(), sft, is_trainable=True)
     args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, max_steps=steps,
@@ -686,7 +684,6 @@ def test_simpo_from_an_sft_adapter_trains_as_trl_s_cpo_trainer(tiny_llama, tmp_p
     pytest.importorskip("trl")
     from datasets import Dataset
     from peft import PeftModel
-    from safetensors.torch import load_file
     from transformers import AutoTokenizer
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
@@ -703,15 +700,13 @@ def test_simpo_from_an_sft_adapter_trains_as_trl_s_cpo_trainer(tiny_llama, tmp_p
     recipe = _dpo_recipe(tmp_path, tiny_llama, {"train": tmp_path / "pairs.jsonl", "eval": tmp_path / "pairs.jsonl"},
                          objective="simpo", simpo_beta=2.0, simpo_gamma=1.0, max_steps=steps, batch_size=4,
                          optimizer="sgd", lr=lr, scheduler="constant", warmup_steps=0)
-    raw = yaml.safe_load(recipe.read_text())
-    raw["adapter"] = {"init_from": str(sft)}
-    recipe.write_text(yaml.safe_dump(raw))
+    starting_from(recipe, sft)
     summary = train(load_recipe(recipe))
     start, _ = _eval_json(tmp_path, str(recipe), "--adapter", str(sft))
     assert all(abs(start[name] - summary[f"start_eval_{name}"]) <= 1e-6 for name in FIGURES), (start, summary)
     of_recipe, said = _eval_json(tmp_path, str(recipe))  # (no reference: the recipe's start, as the run's)
     assert all(abs(of_recipe[name] - start[name]) <= 1e-6 for name in FIGURES) and "start (init_from: sft)" in said
-    ours = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    ours = logged_steps(tmp_path / "run")
 
     model = PeftModel.from_pretrained(load_fp32(tiny_llama).train(), sft, is_trainable=True)
     args = CPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, max_steps=steps, learning_rate=lr,
@@ -720,16 +715,7 @@ def test_simpo_from_an_sft_adapter_trains_as_trl_s_cpo_trainer(tiny_llama, tmp_p
                      bf16=False)
     trainer = CPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=AutoTokenizer.from_pretrained(tiny_llama))
-    trainer.train()
-    theirs = [x for x in trainer.state.log_history if "loss" in x]
-    assert theirs[-1]["loss"] < theirs[0]["loss"] - 1e-3  # it trained
-    names = {"loss": "loss", "reward_accuracy": "rewards/accuracies", "reward_margin": "rewards/margins",
-             "chosen_reward": "rewards/chosen", "rejected_reward": "rewards/rejected"}
-    for a, b in zip(ours, theirs, strict=True):
-        assert all(abs(a[k] - b[v]) <= 1e-5 for k, v in names.items()), (a, b)
-    ours_final = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
-    trained = {k.replace(".default", ""): v for k, v in model.state_dict().items() if ".default." in k}
-    assert max((ours_final[k] - trained[k]).abs().max().item() for k in ours_final) <= 1e-5
+    _trains_as(trainer, model, ours, tmp_path / "run")
 
 
 def test_orpo_trains_as_trl_s_orpo_trainer_where_their_likelihood_terms_agree(tiny_llama, tmp_path):
@@ -742,7 +728,6 @@ def test_orpo_trains_as_trl_s_orpo_trainer_where_their_likelihood_terms_agree(ti
     pytest.importorskip("trl")
     from datasets import Dataset
     from peft import PeftModel
-    from safetensors.torch import load_file
     from transformers import AutoTokenizer
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
@@ -759,11 +744,9 @@ def test_orpo_trains_as_trl_s_orpo_trainer_where_their_likelihood_terms_agree(ti
     recipe = _dpo_recipe(tmp_path, tiny_llama, {"train": tmp_path / "pairs.jsonl", "eval": tmp_path / "pairs.jsonl"},
                          objective="orpo", orpo_lambda=lam, max_steps=steps, batch_size=4, optimizer="sgd", lr=lr,
                          scheduler="constant", warmup_steps=0)
-    raw = yaml.safe_load(recipe.read_text())
-    raw["adapter"] = {"init_from": str(sft)}
-    recipe.write_text(yaml.safe_dump(raw))
+    starting_from(recipe, sft)
     train(load_recipe(recipe))
-    ours = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    ours = logged_steps(tmp_path / "run")
 
     model = PeftModel.from_pretrained(load_fp32(tiny_llama).train(), sft, is_trainable=True)
     args = ORPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=1, gradient_accumulation_steps=4,
@@ -771,6 +754,14 @@ def test_orpo_trains_as_trl_s_orpo_trainer_where_their_likelihood_terms_agree(ti
                       beta=lam, report_to=[], save_strategy="no", use_cpu=True, logging_steps=1, bf16=False)
     trainer = ORPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                           processing_class=AutoTokenizer.from_pretrained(tiny_llama))
+    _trains_as(trainer, model, ours, tmp_path / "run")
+
+
+def _trains_as(trainer, model, ours: list[dict], run: Path) -> None:
+    """TRL's `trainer` of the PeftModel `model` trains (its last loss below its first) to each step's loss, rewards,
+    accuracy and margin of ours (`run`'s metrics.jsonl lines, `ours`) within 1e-5, and to `run`'s adapter."""
+    from safetensors.torch import load_file
+
     trainer.train()
     theirs = [x for x in trainer.state.log_history if "loss" in x]
     assert theirs[-1]["loss"] < theirs[0]["loss"] - 1e-3  # it trained
@@ -778,7 +769,7 @@ def test_orpo_trains_as_trl_s_orpo_trainer_where_their_likelihood_terms_agree(ti
              "chosen_reward": "rewards/chosen", "rejected_reward": "rewards/rejected"}
     for a, b in zip(ours, theirs, strict=True):
         assert all(abs(a[k] - b[v]) <= 1e-5 for k, v in names.items()), (a, b)
-    ours_final = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    ours_final = load_file(run / "adapter" / "adapter_model.safetensors")
     trained = {k.replace(".default", ""): v for k, v in model.state_dict().items() if ".default." in k}
     assert max((ours_final[k] - trained[k]).abs().max().item() for k in ours_final) <= 1e-5
 
@@ -902,9 +893,7 @@ def test_eval_of_an_adapter_not_trained_from_the_recipe_s_init_from_says_so(tiny
     other = save_random_adapter(tiny_llama, LoraConfig(r=8, alpha=8, dropout=0.0, target_modules="all-linear"),
                                 tmp_path / "other", seed=3)
     recipe = _dpo_recipe(tmp_path, tiny_llama, pairs_data)
-    raw = yaml.safe_load(recipe.read_text())
-    raw["adapter"] = {"init_from": str(sft)}
-    recipe.write_text(yaml.safe_dump(raw))
+    starting_from(recipe, sft)
     err = " ".join(cli_user_error(monkeypatch, capsys, "eval", str(recipe), "--adapter", str(other)).split())
     assert (f"The recipe's adapter.init_from {sft}, the reference (the adapter the recipe's runs train from), "
             f"does not fit {other}, so it was not trained from it") in err, err

@@ -464,21 +464,12 @@ def test_a_batch_under_longrope_answers_each_prompt_as_alone():
     positions, a 30-token one was answered with the long factors from the step where the 56-token one passed them
     (its 10th token differed). Each is answered as alone (transformers' generate of it, for which Phi-3 computes its
     cache again where the factors change)."""
-    from transformers import Phi3Config, Phi3ForCausalLM
-
     from peftkit.data.prompts import Prompt
     from peftkit.decoding import Sampling, generate_texts
     from peftkit.tiny import build_char_tokenizer
 
     tok = build_char_tokenizer()
-    torch.manual_seed(0)
-    model = Phi3ForCausalLM(Phi3Config(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=4 * POSITIONS, original_max_position_embeddings=POSITIONS,
-        initializer_range=0.1, tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4,
-                         "long_factor": [1.0, 2.0, 4.0, 8.0], "original_max_position_embeddings": POSITIONS})).eval()
+    model = _tiny_longrope("phi3", tok)
     prompt = torch.randint(4, 90, (56,), generator=torch.Generator().manual_seed(0)).tolist()
     prompts = [prompt[-30:], prompt]
     answers = generate_texts(model, tok, [Prompt(p, "") for p in prompts], Sampling(max_new_tokens=44), batch_size=2)
