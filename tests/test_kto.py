@@ -14,6 +14,7 @@ import yaml
 from conftest import cli_user_error, load_fp32, logged_steps, make_recipe, save_random_adapter, starting_from, unplaced
 from peftkit.data import IGNORE_INDEX
 from peftkit.data.unpaired import load_unpaired, mismatched
+from peftkit.errors import PeftkitError
 from peftkit.kto import KTOLoss
 from peftkit.modeling import load_tokenizer
 from peftkit.recipe import DataConfig, ModelConfig, load_recipe
@@ -269,9 +270,13 @@ def test_recipe_mistakes_about_kto_are_said_at_their_key(tiny_llama, unpaired_da
     ({"prompt": [{"role": "user", "content": "1+1?"}], "completion": [{"role": "user", "content": "2"}],
       "label": True}, "'completion' has no assistant message"),
     ({"prompt": "1+1=", "completion": "", "label": True}, "field 'completion' is empty"),
+    ({"prompt": [{"role": "user", "content": "1+1?"}], "completion": "2", "label": True},
+     "a conversation, and the first row"),
 ])
 def test_a_bad_row_is_named_by_its_line_and_field(tiny_llama, unpaired_data, tmp_path, monkeypatch, capsys, row, said):
-    """Said alike by train and by validate (data.train, and a set of data.eval's)."""
+    """Said alike by train, by validate (data.train, and a set of data.eval's) and by eval's prompts (samples)."""
+    from peftkit.data.prompts import load_prompts
+
     bad = tmp_path / "bad.jsonl"
     write_jsonl(bad, [_row(1, 2, True), row])
     recipe = _kto_recipe(tmp_path, tiny_llama, {"train": bad, "eval": unpaired_data["eval"]})
@@ -282,6 +287,9 @@ def test_a_bad_row_is_named_by_its_line_and_field(tiny_llama, unpaired_data, tmp
     swapped = _kto_recipe(tmp_path / "swapped", tiny_llama, {"train": unpaired_data["train"], "eval": bad})
     err = " ".join(cli_user_error(monkeypatch, capsys, "validate", str(swapped)).split())
     assert f"{bad}:2" in err and said in err, err
+    with pytest.raises(PeftkitError) as raised:
+        load_prompts(_tok(tiny_llama), str(bad), None, load_recipe(swapped).data.for_eval("eval"))
+    assert "error: " + " ".join(str(raised.value).split()) == err, raised.value
 
 
 def test_export_best_on_kl_keeps_the_adapter_nearest_the_reference(tiny_llama, unpaired_data, tmp_path):

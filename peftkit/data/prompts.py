@@ -23,6 +23,7 @@ from peftkit.data.formats import format_rows
 from peftkit.data.rows import load_rows
 from peftkit.data.stored import IGNORE_INDEX
 from peftkit.data.tokenized import MASKS, ids_and_labels, prompt_and_answer, vocabulary_problem
+from peftkit.data.unpaired import OneForm, compose, split_unpaired
 from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.recipe import DataConfig
 
@@ -148,8 +149,6 @@ def _prompt_of(tok, row: dict, cfg: DataConfig, targets: bool) -> Prompt | None:
     """`row_prompt` of a valid row of `cfg`'s format; a preference pair's is its prompt, asked as its chosen answer's
     example is built (a completion's prompt, or the conversation before the answer), the chosen answer the reference."""
     if cfg.format == "unpaired":  # its prompt, its answer the reference (desirable or not: as the row says)
-        from peftkit.data.unpaired import compose, split_unpaired
-
         kind, parts, _ = split_unpaired(row)
         answer = format_rows([compose(kind, parts)], cfg.model_copy(update={"format": kind, "columns": {}}))[0]
         return row_prompt(tok, answer, kind, cfg.train_on, targets)
@@ -206,7 +205,7 @@ def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | Non
     rows = format_rows(rows, cfg)
     prompts, checked, bad, untrained = Prompts(), False, skipped, 0
     built = build_examples(tok, rows, cfg, source, line_numbers) if as_loss else None  # the loss's examples
-    scored = LossRows(cfg)
+    scored, forms = LossRows(cfg), OneForm() if cfg.format == "unpaired" else None
     for i, row in enumerate(rows):
         if limit is not None and len(prompts) >= limit:
             break
@@ -215,6 +214,8 @@ def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | Non
                             found=_pair_alike(tok, row, cfg))
         bad += not usable  # a bad row skipped under on_bad_rows: skip (under error, it raised)
         example = next(built) if built is not None else None  # (every row's, None for a bad one: in step)
+        if usable and forms is not None:  # a KTO row's form, the first row's (as train has it)
+            forms.check(split_unpaired(row)[0], where)
         if usable:
             prompt = located(where, _prompt_of, tok, row, cfg, targets)
             if prompt is None:  # no trained answer to ask for, nor to score against (its loss has none either)

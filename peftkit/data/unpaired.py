@@ -176,14 +176,33 @@ def usable_unpaired(row: object, cfg: DataConfig, at: str) -> tuple[str, tuple, 
     return parsed
 
 
+class OneForm:
+    """The form of a source's first usable row (`completion`: a text answer, `chat`: a conversation), which every
+    later row must have: `build_unpaired`'s check, which eval's prompts (`load_prompts`) make in its words too."""
+
+    def __init__(self) -> None:
+        self.form: str | None = None
+        self.first: str | None = None
+
+    def check(self, kind: str, at: str) -> str:
+        """`kind`, the form of the usable row at `at`; an error where it is not the first row's."""
+        if self.form is not None and kind != self.form:  # (data.train's list: the first row may be another dataset's)
+            raise PeftkitError(f"{at}: a {'conversation' if kind == 'chat' else 'text answer'}, and the first row "
+                               f"({self.first}) is a {'conversation' if self.form == 'chat' else 'text answer'}; give "
+                               "every row the same form (every dataset's, where data.train lists several)")
+        self.form, self.first = kind, self.first or at
+        return kind
+
+
 def check_unpaired(source: str | list, split: str | None, cfg: DataConfig) -> None:
-    """The bad rows `build_unpaired` refuses under data.on_bad_rows: error, in its words (FILE:LINE), read but not
-    tokenized: `peftkit validate`'s check of `source` (data.train, or a set of data.eval's, as train reads it)."""
-    if cfg.on_bad_rows == "skip":
-        return
+    """The bad rows `build_unpaired` refuses under data.on_bad_rows: error, and a row of another form than the
+    first's (refused under skip too), in its words (FILE:LINE), read but not tokenized: `peftkit validate`'s check
+    of `source` (data.train, or a set of data.eval's, as train reads it)."""
     rows, _, line_numbers, name = read_rows(source, split, cfg)
+    form = OneForm()
     for i, row in enumerate(rows):
-        usable_unpaired(row, cfg, row_location(name, i, line_numbers))
+        if (parsed := usable_unpaired(row, cfg, at := row_location(name, i, line_numbers))) is not None:
+            form.check(parsed[0], at)
 
 
 def build_unpaired(tok, source: str | list, split: str | None, cfg: DataConfig, chunk: int, tasks: bool = False):
@@ -191,7 +210,7 @@ def build_unpaired(tok, source: str | list, split: str | None, cfg: DataConfig, 
     data's name and line numbers). A bad row raises under data.on_bad_rows: error, naming its FILE:LINE."""
     rows, skipped, line_numbers, name = read_rows(source, split, cfg)
     stats = new_stats(len(rows), skipped)
-    kept, fmt, first = [], None, None
+    kept, fmt, form = [], None, OneForm()
     for i, row in enumerate(rows):
         at = row_location(name, i, line_numbers)
         parsed = usable_unpaired(row, cfg, at)
@@ -199,11 +218,7 @@ def build_unpaired(tok, source: str | list, split: str | None, cfg: DataConfig, 
             stats["bad_rows"] += 1
             continue
         kind, answer, label = parsed  # (answer: its parts)
-        if fmt is not None and kind != fmt:  # (data.train's list: the first row may be another dataset's)
-            raise PeftkitError(f"{at}: a {'conversation' if kind == 'chat' else 'text answer'}, and the first row "
-                               f"({first}) is a {'conversation' if fmt == 'chat' else 'text answer'}; give every row "
-                               "the same form (every dataset's, where data.train lists several)")
-        fmt, first = kind, first or at
+        fmt = form.check(kind, at)
         if kind == "chat":
             _count_special_messages(tok, row, ("prompt", "completion"), at, stats,
                                     opening_system_prompt(cfg, compose(kind, answer)))
