@@ -93,8 +93,10 @@ def say_stopped(show: Callable[[], None], text: str) -> None:
     """Show `text`, a `PeerFailed` line, once for the processes of a launch: by the main process (another that it
     stopped says nothing: the main process failed, its error shown, or says this), after the failed process said its
     error and ended. Each waits for the launcher to stop it (SIGTERM), up to PEER_ERROR_WAIT_S; the main process
-    first leaves `text` where a failed process waiting for its error (`say_error`) reads that it is another."""
-    with _sigterm_noted() as stopped:
+    first leaves `text` where a failed process waiting for its error (`say_error`) reads that it is another. A Ctrl-C
+    (SIGINT) ends the wait as SIGTERM does: the line is said, and the process exits as a stopped one (PeerFailed's
+    status), where it raised KeyboardInterrupt with a traceback."""
+    with _sigterm_noted(signal.SIGINT) as stopped:
         if main_process() and (store := _launch_store()) is not None:
             _leave(store, _ERROR_KEY + _restart(), text)
         deadline = time.monotonic() + PEER_ERROR_WAIT_S
@@ -109,15 +111,17 @@ def _restart() -> str:
 
 
 @contextlib.contextmanager
-def _sigterm_noted():
-    """SIGTERM (the launcher stopping this process because another one ended) appended to the list yielded, not
-    obeyed."""
+def _sigterm_noted(*also: int):
+    """SIGTERM (the launcher stopping this process because another one ended), and the signals `also` (SIGINT: a
+    Ctrl-C), appended to the list yielded, not obeyed."""
     stopped: list[int] = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, _: stopped.append(signum))
+    previous = {signum: signal.signal(signum, lambda signum, _: stopped.append(signum))
+                for signum in (signal.SIGTERM, *also)}
     try:
         yield stopped
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _launch_store():

@@ -152,7 +152,12 @@ def test_a_process_that_another_s_failure_stopped_says_one_line_once(launch_stor
         signal.signal(signal.SIGTERM, previous)
     assert shown == ["main"] and time.monotonic() - started < 10  # said when stopped, not after 30 s
     assert launch_store.get("peftkit/error/1") == str(stopped).encode()
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()  # a Ctrl-C in the wait: ends it quietly
+    started = time.monotonic()
+    said_once.say_stopped(lambda: shown.append("main"), str(stopped))  # (it raised KeyboardInterrupt)
+    assert shown == ["main", "main"] and time.monotonic() - started < 10
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # (Ctrl-C obeyed again after it)
     monkeypatch.setattr(said_once, "PEER_ERROR_WAIT_S", 0.2)
     monkeypatch.setenv("RANK", "1")
     said_once.say_stopped(lambda: shown.append("other"), str(stopped))
-    assert shown == ["main"]
+    assert shown == ["main", "main"]
