@@ -183,8 +183,8 @@ def _check_answer_rows(cfg: Recipe, tok) -> None:
 def _check_pairs(cfg: Recipe, tok) -> None:
     """Train's refusal of a bad preference pair (`peftkit.data.preference.check_pairs`: its FILE:LINE and problem, the
     answers alike but for the EOS's text too, which needs the tokenizer) or a bad KTO row (data.format unpaired:
-    `peftkit.data.unpaired.check_unpaired`), in data.train and each set of data.eval, where they are local; read, not
-    tokenized."""
+    `peftkit.data.unpaired.check_unpaired`, an answer of the EOS's text alone too), in data.train and each set of
+    data.eval, where they are local; read, not tokenized."""
     from peftkit.data.preference import check_pairs
     from peftkit.data.unpaired import check_unpaired
 
@@ -192,7 +192,7 @@ def _check_pairs(cfg: Recipe, tok) -> None:
     if data.format == "preference":
         check = functools.partial(check_pairs, tok)
     elif data.format == "unpaired":
-        check = check_unpaired
+        check = functools.partial(check_unpaired, tok)
     else:
         return
     if all(is_local_dataset(source.path) for source in data.train_sources()):

@@ -272,6 +272,7 @@ def test_recipe_mistakes_about_kto_are_said_at_their_key(tiny_llama, unpaired_da
     ({"prompt": "1+1=", "completion": "", "label": True}, "field 'completion' is empty"),
     ({"prompt": [{"role": "user", "content": "1+1?"}], "completion": "2", "label": True},
      "a conversation, and the first row"),
+    ({"prompt": "1+1=", "completion": "</s>", "label": True}, "field 'completion' is the EOS's text '</s>' alone"),
 ])
 def test_a_bad_row_is_named_by_its_line_and_field(tiny_llama, unpaired_data, tmp_path, monkeypatch, capsys, row, said):
     """Said alike by train, by validate (data.train, and a set of data.eval's) and by eval's prompts (samples)."""

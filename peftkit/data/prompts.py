@@ -23,7 +23,7 @@ from peftkit.data.formats import format_rows
 from peftkit.data.rows import load_rows
 from peftkit.data.stored import IGNORE_INDEX
 from peftkit.data.tokenized import MASKS, ids_and_labels, prompt_and_answer, vocabulary_problem
-from peftkit.data.unpaired import OneForm, compose, split_unpaired
+from peftkit.data.unpaired import OneForm, compose, eos_only, split_unpaired
 from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.recipe import DataConfig
 
@@ -258,8 +258,10 @@ def _past_vocabulary(tok, row: object, cfg: DataConfig, targets: bool) -> str | 
 
 
 def _pair_alike(tok, row: object, cfg: DataConfig) -> str | None:
-    """A preference row's answers alike but for the EOS's text (`peftkit.data.preference.eos_alike`), a bad row as
-    train's pairs take it, or None."""
+    """A preference row's answers alike but for the EOS's text (`peftkit.data.preference.eos_alike`), or a KTO row's
+    answer of the EOS's text alone (`peftkit.data.unpaired.eos_only`), a bad row as train takes it, or None."""
+    if cfg.format == "unpaired":
+        return eos_only(tok, row)
     if cfg.format != "preference":
         return None
     from peftkit.data.preference import eos_alike

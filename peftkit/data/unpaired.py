@@ -167,11 +167,24 @@ def kept_unpaired(built: list, desirable: list[bool], cfg: DataConfig, stats: di
     return Unpaired(examples, kept), cuts
 
 
-def usable_unpaired(row: object, cfg: DataConfig, at: str) -> tuple[str, tuple, bool] | None:
-    """`split_unpaired` of a usable row; None for a bad one, which raises under data.on_bad_rows: error, naming `at`."""
+def eos_only(tok, row: object) -> str | None:
+    """Why a text row whose answer is the EOS's text alone (`</s>`) is unusable once the tokenizer is known: `one_eos`
+    takes that text off (each answer is scored through one EOS), leaving nothing; None for any other row. The problem
+    a reader of rows as prompts (`peftkit.data.prompts.load_prompts`) hands `usable_row` as train does."""
+    split = split_unpaired(row) if isinstance(row, dict) else None
+    if not isinstance(split, tuple) or split[0] != "completion" or _one_eos(tok, split[1])[1]:
+        return None
+    return (f"field 'completion' is the EOS's text '{tok.eos_token}' alone, which is taken off (each answer is scored "
+            "through the one EOS peftkit appends), leaving nothing of it to learn")
+
+
+def usable_unpaired(row: object, cfg: DataConfig, at: str, tok=None) -> tuple[str, tuple, bool] | None:
+    """`split_unpaired` of a usable row; None for a bad one, which raises under data.on_bad_rows: error, naming `at`
+    (with `tok`, a text answer of the EOS's text alone too: `eos_only`)."""
     parsed = split_unpaired(row) if isinstance(row, dict) else None
-    if not isinstance(parsed, tuple):
-        usable_row(row, cfg, at)
+    found = eos_only(tok, row) if tok is not None else None
+    if not isinstance(parsed, tuple) or found:
+        usable_row(row, cfg, at, found=found)
         return None
     return parsed
 
@@ -194,14 +207,14 @@ class OneForm:
         return kind
 
 
-def check_unpaired(source: str | list, split: str | None, cfg: DataConfig) -> None:
+def check_unpaired(tok, source: str | list, split: str | None, cfg: DataConfig) -> None:
     """The bad rows `build_unpaired` refuses under data.on_bad_rows: error, and a row of another form than the
     first's (refused under skip too), in its words (FILE:LINE), read but not tokenized: `peftkit validate`'s check
     of `source` (data.train, or a set of data.eval's, as train reads it)."""
     rows, _, line_numbers, name = read_rows(source, split, cfg)
     form = OneForm()
     for i, row in enumerate(rows):
-        if (parsed := usable_unpaired(row, cfg, at := row_location(name, i, line_numbers))) is not None:
+        if (parsed := usable_unpaired(row, cfg, at := row_location(name, i, line_numbers), tok)) is not None:
             form.check(parsed[0], at)
 
 
@@ -213,7 +226,7 @@ def build_unpaired(tok, source: str | list, split: str | None, cfg: DataConfig, 
     kept, fmt, form = [], None, OneForm()
     for i, row in enumerate(rows):
         at = row_location(name, i, line_numbers)
-        parsed = usable_unpaired(row, cfg, at)
+        parsed = usable_unpaired(row, cfg, at, tok)
         if parsed is None:  # a bad row: said under data.on_bad_rows: error (naming it), else skipped
             stats["bad_rows"] += 1
             continue
