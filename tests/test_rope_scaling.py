@@ -9,6 +9,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -186,9 +187,10 @@ def test_each_eval_batch_s_loss_is_that_batch_s_on_a_fresh_model_whatever_ran_be
 
     monkeypatch.setattr(evaluation, "token_loss_sum", recorded)
     fresh = {}
-    for name in batches:  # each batch alone, on a model just loaded
+    for name in batches:  # each set alone, on a model just loaded: a batch per row (past the context, each its length)
+        del seen[:]
         evaluate_loss(_scaled(short_llama, rope), examples(name), 2, tok.pad_token_id)
-        fresh[seen[-1][0]] = seen[-1][1:]
+        fresh |= {first: rest for first, *rest in seen}
     model = _scaled(short_llama, rope)
     rotary = model.model.rotary_emb
     model(torch.randint(4, 90, (1, 250)))  # a training-like forward past every eval row: frequencies for 250
@@ -196,7 +198,7 @@ def test_each_eval_batch_s_loss_is_that_batch_s_on_a_fresh_model_whatever_ran_be
     for order in ("long_first", "short_first"):
         del seen[:]
         evaluate_loss(model, examples(order), 2, tok.pad_token_id)
-        assert len(seen) == 2 and {first: rest for first, *rest in seen} == {k: list(v) for k, v in fresh.items()}
+        assert len(seen) == 4 and {first: rest for first, *rest in seen} == fresh
     assert torch.equal(rotary.inv_freq, before)
 
 
@@ -593,3 +595,41 @@ def test_whole_forward_decoding_samples_as_transformers_generate():
             ours = whole_forwards(model, ids, torch.ones_like(ids), sampling, [tok.eos_token_id], tok.pad_token_id)
             torch.manual_seed(5)
             assert torch.equal(ours, model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config))
+
+
+def test_eval_loss_past_the_context_does_not_depend_on_the_batch_size(short_llama):
+    """Under dynamic RoPE transformers scales a batch by its longest row (longrope picks its factors so), so a row
+    beside one past the 64 positions scored by the longer's frequencies and the loss depended on eval.batch_size.
+    Now (`loss_batches`) a row past the context shares a batch only with rows of its own length: at batch 4 the loss
+    is batch 1's and a hand mean over the rows, each scored alone by transformers' own model (rows ascending in
+    length: dynamic RoPE then scales each by its own); within the context the batches are a DataLoader's, as before.
+    A longrope Phi-3's loss too is batch 1's at batch 4."""
+    from peftkit.data.stored import Example
+    from peftkit.evaluate import evaluate_loss, loss_batches
+
+    lengths = [20, 90, 40, 70, 90, 30, 120, 50, 60]  # within 64 positions and past them, two of one length
+    gen = torch.Generator().manual_seed(3)
+    ids = [torch.randint(4, 90, (n,), generator=gen).tolist() for n in lengths]
+    rows = [Example(input_ids=r, labels=[-100] * 5 + r[5:]) for r in ids]
+    model = _scaled(short_llama, {"type": "dynamic", "factor": 4})
+    one, four = (evaluate_loss(model, rows, b, pad_id=0)["loss"] for b in (1, 4))
+    raw = AutoConfig.from_pretrained(short_llama).to_dict()
+    raw["rope_parameters"] = {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}
+    config = LlamaConfig(**{k: v for k, v in raw.items() if k not in ("architectures", "transformers_version")})
+    reference = AutoModelForCausalLM.from_pretrained(short_llama, config=config).eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for i in sorted(range(len(rows)), key=lambda i: lengths[i]):
+            logits = reference(torch.tensor([ids[i]])).logits[0, :-1].double()
+            labels = torch.tensor(rows[i].labels[1:])
+            total += float(torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum"))
+            tokens += int((labels != -100).sum())
+    assert abs(four - one) <= 1e-6 and abs(one - total / tokens) <= 1e-6
+    shares = [evaluate_loss(model, rows, 4, 0, SimpleNamespace(process_index=r, num_processes=3,
+                                                               reduce=lambda v, **_: v)) for r in range(3)]  # 3 processes share the 5 batches (2 + 2 + 1), each its own sum: they add up
+    assert abs(sum(p["loss"] * p["num_tokens"] for p in shares) / sum(p["num_tokens"] for p in shares) - four) <= 1e-12
+    assert loss_batches(model, rows, 4) == [[0, 2, 5, 7], [8], [3], [1, 4], [6]]
+    phi3 = _tiny_longrope("phi3", AutoTokenizer.from_pretrained(short_llama))  # its factors switch past 64 positions
+    assert abs(evaluate_loss(phi3, rows, 4, 0)["loss"] - evaluate_loss(phi3, rows, 1, 0)["loss"]) <= 1e-6
+    assert loss_batches(_scaled(short_llama, {"type": "linear", "factor": 4}), rows, 4) == [[0, 1, 2, 3], [4, 5, 6, 7],
+                                                                                             [8]]
