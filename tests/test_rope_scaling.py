@@ -574,9 +574,9 @@ def test_a_prompt_family_adapter_past_the_rope_switch_answers_as_its_whole_forwa
 
 
 def test_whole_forward_decoding_samples_as_transformers_generate():
-    """The prompt family's decoding by whole forwards (`peftkit.whole_forwards`) chooses each token as transformers' generate
-    does without a cache: on a model without virtual tokens, the same ids, sampled (temperature, top-k, top-p, min-p
-    and the repetition penalty, one seed) and greedy with the penalty."""
+    """The prompt family's decoding by whole forwards (`peftkit.whole_forwards`) chooses each token as transformers'
+    generate does without a cache: on a model without virtual tokens, the same ids, sampled (temperature, top-k,
+    top-p, min-p and the repetition penalty, one seed) and greedy with the penalty."""
     from transformers import GenerationConfig
 
     from peftkit.decoding import Sampling
@@ -625,8 +625,9 @@ def test_eval_loss_past_the_context_does_not_depend_on_the_batch_size(short_llam
             total += float(torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum"))
             tokens += int((labels != -100).sum())
     assert abs(four - one) <= 1e-6 and abs(one - total / tokens) <= 1e-6
+    # 3 processes share the 5 batches (2 + 2 + 1), each its own sum: they add up
     shares = [evaluate_loss(model, rows, 4, 0, SimpleNamespace(process_index=r, num_processes=3,
-                                                               reduce=lambda v, **_: v)) for r in range(3)]  # 3 processes share the 5 batches (2 + 2 + 1), each its own sum: they add up
+                                                               reduce=lambda v, **_: v)) for r in range(3)]
     assert abs(sum(p["loss"] * p["num_tokens"] for p in shares) / sum(p["num_tokens"] for p in shares) - four) <= 1e-12
     assert loss_batches(model, rows, 4) == [[0, 2, 5, 7], [8], [3], [1, 4], [6]]
     phi3 = _tiny_longrope("phi3", AutoTokenizer.from_pretrained(short_llama))  # its factors switch past 64 positions
