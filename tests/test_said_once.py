@@ -41,7 +41,7 @@ def _launch(command: list[str], env: dict | None = None) -> subprocess.Completed
 def test_accelerate_launch_says_a_warning_and_an_error_of_every_process_once(tiny_llama, number_data, tmp_path):
     """`accelerate launch` (configs/accelerate/ddp.yaml) of a recipe whose data note (a local file read at split
     'validation') and error (data.eval missing) every process meets: each said once, where each process said it
-    (two copies of both on the old code), and every process exits with the user error's status, 2."""
+    (two copies of both on the old code), and the main process exits with the user error's status, 2."""
     recipe = make_recipe(tmp_path, tiny_llama, {**number_data, "eval": tmp_path / "missing.jsonl"},
                          data={"train_split": "validation"})
     config = Path(__file__).parents[1] / "configs" / "accelerate" / "ddp.yaml"
@@ -52,7 +52,11 @@ def test_accelerate_launch_says_a_warning_and_an_error_of_every_process_once(tin
     assert len(said) == 2, done.stderr
     assert said[0].startswith(f"warning: Data file {number_data['train']}: split 'validation': a local file"), said
     assert said[1].startswith(f"error: Data file not found: {tmp_path / 'missing.jsonl'}"), said
-    assert done.stderr.count("exitcode  : 2 (pid") == 2, done.stderr  # the launcher's summary: both processes
+    # The launcher's summary: the main process exits with the user error's status, 2; so does the other where it met
+    # its error before the launcher stopped it (SIGTERM, once the main process ended: on a loaded machine it may not
+    # have reached it yet, and says nothing either way).
+    codes = re.findall(r"exitcode\s*: (-?\d+) \(pid", done.stderr)
+    assert len(codes) == 2 and codes[-1] == "2" and set(codes) <= {"2", "-15"}, done.stderr
 
 
 def test_torchrun_says_a_warning_once_and_an_error_of_one_process_alone(tiny_llama, number_data, tmp_path):
