@@ -54,9 +54,10 @@ def say_error(show: Callable[[], None], text: str) -> None:
     """Show a user error (`show()` prints it; `text`, its words) once for the processes of a launch. The main process
     shows it and leaves `text` in the launcher's store; another process shows its own unless the main process's is
     the very same text, waiting up to SAME_ERROR_WAIT_S for it (on SIGTERM, the launcher stopping it because another
-    process ended, it looks once more and then decides). Only an error the main process has said is left unsaid, so
-    one that a single process meets (its machine's files, a different failure) is always shown. Outside a launch of
-    several processes, or where the store cannot be reached: shown."""
+    process ended, or SIGINT, a Ctrl-C, where it raised KeyboardInterrupt with a traceback: it looks once more and
+    then decides). Only an error the main process has said is left unsaid, so one that a single process meets (its
+    machine's files, a different failure) is always shown. Outside a launch of several processes, or where the
+    store cannot be reached: shown."""
     key = _ERROR_KEY + _restart()
     if main_process():
         show()  # first: once the others read it, they end, and the launcher stops this process
@@ -151,7 +152,7 @@ def _main_error(store, key: str) -> str | None:
     """The main process's error text, waited for as `say_error` says; None when it said none."""
     deadline = time.monotonic() + SAME_ERROR_WAIT_S
     try:
-        with _sigterm_noted() as stopped:
+        with _sigterm_noted(signal.SIGINT) as stopped:
             while not stopped and time.monotonic() < deadline and not store.check([key]):
                 time.sleep(0.05)
         return store.get(key).decode("utf-8", "replace") if store.check([key]) else None

@@ -121,6 +121,12 @@ def test_a_process_leaves_unsaid_only_the_error_the_main_process_said(launch_sto
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # a restarted launch: the first one's error is not its own
     said_once.say_error(lambda: shown.append("restarted"), "every process's error")
     assert shown[-1] == "restarted"
+    monkeypatch.setattr(said_once, "SAME_ERROR_WAIT_S", 30.0)
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()  # a Ctrl-C in the wait: ends it quietly
+    started = time.monotonic()
+    said_once.say_error(lambda: shown.append("interrupted"), "an error of its own")  # (it raised KeyboardInterrupt)
+    assert shown[-1] == "interrupted" and time.monotonic() - started < 10
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # (Ctrl-C obeyed again after it)
 
 
 def test_a_process_that_another_s_failure_stopped_says_one_line_once(launch_store, monkeypatch):
