@@ -6,7 +6,6 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
 from peftkit.adapters import count_parameters, find_targets, inject_adapters
 from peftkit.adapters.state_dicts import adapter_state_dict
@@ -16,24 +15,20 @@ from peftkit.adapter_base import load_adapted_model
 from peftkit.methods.lora import LoraConfig
 from peftkit.peft_format import peft_config, save_adapter
 from peftkit.recipe import TargetRegex
-from tests.conftest import random_adapters
+from tests.conftest import load_fp32, random_adapters
 
 IDS = torch.tensor([[1, 40, 41, 42, 7, 60, 61], [1, 50, 51, 52, 53, 54, 55]])
 
 
-def _load(path):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
 def test_all_linear_excludes_output_head(tiny_llama):
-    names = find_targets(_load(tiny_llama), "all-linear")
+    names = find_targets(load_fp32(tiny_llama), "all-linear")
     assert "lm_head" not in names
     assert len(names) == 2 * 7  # q, k, v, o, gate, up, down per layer
     assert all(n.startswith("model.layers.") for n in names)
 
 
 def test_suffix_and_regex_targets(tiny_llama):
-    model = _load(tiny_llama)
+    model = load_fp32(tiny_llama)
     assert find_targets(model, ["q_proj", "v_proj"]) == [
         "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
         "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj",
@@ -45,7 +40,7 @@ def test_suffix_and_regex_targets(tiny_llama):
 
 
 def test_injection_freezes_base_and_counts(tiny_llama):
-    model = _load(tiny_llama)
+    model = load_fp32(tiny_llama)
     total_before = sum(p.numel() for p in model.parameters())
     inject_adapters(model, LoraConfig(r=4, target_modules=["q_proj"]))
     trainable, total = count_parameters(model)
@@ -56,13 +51,13 @@ def test_injection_freezes_base_and_counts(tiny_llama):
 
 def test_target_matching_nothing_lists_layers(tiny_llama):
     with pytest.raises(PeftkitError) as e:
-        find_targets(_load(tiny_llama), ["query"])
+        find_targets(load_fp32(tiny_llama), ["query"])
     assert "matches no module" in str(e.value) and "q_proj" in str(e.value)
 
 
 def _train_like(path, cfg):
     """An injected model with nonzero adapters, as after training."""
-    model = _load(path)
+    model = load_fp32(path)
     torch.manual_seed(0)
     targets = inject_adapters(model, cfg)
     random_adapters(model)
@@ -83,9 +78,9 @@ def test_adapter_loads_in_peft_with_same_logits(arch, modules_to_save, request, 
     save_adapter(tmp_path, state, peft_config(cfg, targets, str(path), fan_in_fan_out=bool(conv1d_modules(model))))
     assert all(k.startswith("base_model.model.") for k in load_file(tmp_path / "adapter_model.safetensors"))
 
-    reference = PeftModel.from_pretrained(_load(path), tmp_path).eval()
+    reference = PeftModel.from_pretrained(load_fp32(path), tmp_path).eval()
     theirs = reference(IDS).logits
-    assert (ours - _load(path)(IDS).logits).abs().max() > 1e-3  # the adapter really changes the output
+    assert (ours - load_fp32(path)(IDS).logits).abs().max() > 1e-3  # the adapter really changes the output
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
 
 
@@ -103,7 +98,7 @@ def test_embedding_lora_in_peft(tiny_llama, tmp_path):
     cfg = LoraConfig(r=2, alpha=4, target_modules=["embed_tokens", "o_proj"])
     model, targets = _train_like(tiny_llama, cfg)
     save_adapter(tmp_path, adapter_state_dict(model, []), peft_config(cfg, targets, str(tiny_llama), False))
-    reference = PeftModel.from_pretrained(_load(tiny_llama), tmp_path).eval()
+    reference = PeftModel.from_pretrained(load_fp32(tiny_llama), tmp_path).eval()
     torch.testing.assert_close(reference(IDS).logits, model(IDS).logits, rtol=0, atol=1e-5)
 
 
@@ -111,7 +106,7 @@ def test_modules_to_save_are_written_as_full_paths_so_peft_loads_them(tiny_llama
     """`norm` names the final norm only (dotted suffix); peft matches by string suffix, which would also catch
     every `input_layernorm`: adapter_config.json lists the full paths, and peft loads the adapter exactly."""
     cfg = LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["norm", "embed_tokens"])
-    model = _load(tiny_llama)
+    model = load_fp32(tiny_llama)
     torch.manual_seed(0)
     targets = inject_adapters(model, cfg)
     random_adapters(model)
@@ -122,7 +117,7 @@ def test_modules_to_save_are_written_as_full_paths_so_peft_loads_them(tiny_llama
     save_adapter(tmp_path, adapter_state_dict(model, cfg.modules_to_save), peft_config(cfg, targets, str(tiny_llama), False))
     written = json.loads((tmp_path / "adapter_config.json").read_text())
     assert written["modules_to_save"] == ["model.embed_tokens", "model.norm"]
-    reference = PeftModel.from_pretrained(_load(tiny_llama), tmp_path).eval()
+    reference = PeftModel.from_pretrained(load_fp32(tiny_llama), tmp_path).eval()
     torch.testing.assert_close(reference(IDS).logits, model(IDS).logits, rtol=0, atol=1e-5)
     ours, *_ = load_adapted_model(str(tiny_llama), str(tmp_path))
     torch.testing.assert_close(ours(IDS).logits, model(IDS).logits, rtol=0, atol=1e-5)

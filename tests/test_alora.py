@@ -24,7 +24,7 @@ from peftkit.methods.lora import LoraConfig
 from peftkit.adapter_base import load_adapted_model
 from peftkit.recipe import load_recipe
 from peftkit.tiny import write_jsonl
-from tests.conftest import cli_user_error, make_recipe, save_random_adapter
+from tests.conftest import cli_user_error, load_fp32, make_recipe, save_random_adapter
 from tests.test_generate import greedy_no_cache
 from tests.test_methods import models  # noqa: F401  (the fixture: tiny llama, qwen2, gpt2 and gemma2)
 
@@ -34,14 +34,10 @@ IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [3, 5, 9, 4, 5, 9, 6, 7], [1, 2,
 STARTS = [2, 4, None]
 
 
-def _load(path: Path) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
 def _peft_alora(base: Path, out: Path, invocation: list[int] = INVOCATION, **settings) -> Path:
     torch.manual_seed(0)
     settings = {"r": 4, "lora_alpha": 8} | settings
-    model = get_peft_model(_load(base), PeftLora(task_type="CAUSAL_LM", init_lora_weights=False,
+    model = get_peft_model(load_fp32(base), PeftLora(task_type="CAUSAL_LM", init_lora_weights=False,
                                                  alora_invocation_tokens=invocation, **settings))
     model.save_pretrained(out)
     return out
@@ -67,9 +63,9 @@ def test_peft_s_alora_loads_with_peft_s_logits_and_the_base_s_before_the_invocat
     base model's, bit for bit."""
     adapter = _peft_alora(models[arch], tmp_path / "peft")
     with torch.no_grad():
-        theirs = PeftModel.from_pretrained(_load(models[arch]), adapter).eval()(input_ids=IDS).logits
+        theirs = PeftModel.from_pretrained(load_fp32(models[arch]), adapter).eval()(input_ids=IDS).logits
         ours = load_adapted_model(str(models[arch]), str(adapter), torch.device("cpu"))[0](input_ids=IDS).logits
-        base = _load(models[arch])(input_ids=IDS).logits
+        base = load_fp32(models[arch])(input_ids=IDS).logits
     assert (ours - theirs).abs().max() <= 1e-5
     _check_base_before_invocation(ours, base)
 
@@ -81,8 +77,8 @@ def test_peft_loads_our_alora_export_with_our_logits(models, tmp_path):
     assert config["alora_invocation_tokens"] == INVOCATION
     with torch.no_grad():
         ours = load_adapted_model(str(models["qwen2"]), str(adapter), torch.device("cpu"))[0](input_ids=IDS).logits
-        theirs = PeftModel.from_pretrained(_load(models["qwen2"]), adapter).eval()(input_ids=IDS).logits
-        base = _load(models["qwen2"])(input_ids=IDS).logits
+        theirs = PeftModel.from_pretrained(load_fp32(models["qwen2"]), adapter).eval()(input_ids=IDS).logits
+        base = load_fp32(models["qwen2"])(input_ids=IDS).logits
     assert (ours - theirs).abs().max() <= 1e-5
     _check_base_before_invocation(ours, base)
 
@@ -92,7 +88,7 @@ def test_alora_gradients_equal_peft_s(models, tmp_path):
     adapter is updated only through the tokens from the invocation on. With gradient checkpointing too (its
     recomputed forward reads the same rows)."""
     adapter = _peft_alora(models["llama"], tmp_path / "peft")
-    theirs = PeftModel.from_pretrained(_load(models["llama"]), adapter, is_trainable=True).train()
+    theirs = PeftModel.from_pretrained(load_fp32(models["llama"]), adapter, is_trainable=True).train()
     loss = theirs(input_ids=IDS, labels=IDS).loss
     loss.backward()
     expected = {n.replace("base_model.model.", "").replace(".default", ""): p.grad
@@ -126,12 +122,12 @@ def test_generation_with_a_cache_is_greedy_decoding_without_one(models, tmp_path
     stops = stop_token_ids(model, tok)
     expected = [greedy_no_cache(model, p, stops, n=8) for p in prompts]
     assert out == expected
-    assert out[2] == greedy_no_cache(_load(path), prompts[2], stops, n=8)  # no invocation: the base's
-    assert out[0] != greedy_no_cache(_load(path), prompts[0], stops, n=8)
+    assert out[2] == greedy_no_cache(load_fp32(path), prompts[2], stops, n=8)  # no invocation: the base's
+    assert out[0] != greedy_no_cache(load_fp32(path), prompts[0], stops, n=8)
     for prompt, new in zip(prompts, out):  # (a full forward finds a later occurrence in generated text: none here)
         assert last_starts(torch.tensor([prompt + new]), torch.tensor(INVOCATION)).item() == \
             last_starts(torch.tensor([prompt]), torch.tensor(INVOCATION)).item()
-    peft_model = PeftModel.from_pretrained(_load(path), adapter).eval()
+    peft_model = PeftModel.from_pretrained(load_fp32(path), adapter).eval()
     with torch.no_grad():
         for prompt, new in zip(prompts, out):
             theirs = peft_model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
@@ -166,8 +162,8 @@ def test_a_run_trains_an_alora_that_peft_loads(tiny_llama, number_data, tmp_path
     assert start > 0
     with torch.no_grad():
         ours = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[0](input_ids=ids).logits
-        theirs = PeftModel.from_pretrained(_load(tiny_llama), adapter).eval()(input_ids=ids).logits
-        base = _load(tiny_llama)(input_ids=ids).logits
+        theirs = PeftModel.from_pretrained(load_fp32(tiny_llama), adapter).eval()(input_ids=ids).logits
+        base = load_fp32(tiny_llama)(input_ids=ids).logits
     assert (ours - theirs).abs().max() <= 1e-5
     assert torch.equal(ours[:, :start], base[:, :start]) and (ours[:, start:] - base[:, start:]).abs().max() > 1e-3
 
@@ -220,7 +216,7 @@ def test_recipes_that_cannot_work_are_refused(adapter, sections, message, tiny_l
 def test_an_embedding_target_and_a_merge_are_refused(models, tmp_path, monkeypatch, capsys):
     cfg = LoraConfig(alora_invocation_tokens=INVOCATION, target_modules=["embed_tokens", "q_proj"])
     with pytest.raises(PeftkitError, match="'model.embed_tokens' is an Embedding, and aLoRA adapts linear layers"):
-        inject_adapters(_load(models["llama"]), cfg)
+        inject_adapters(load_fp32(models["llama"]), cfg)
     adapter = _peft_alora(models["llama"], tmp_path / "peft")
     err = cli_user_error(monkeypatch, capsys, "merge", "--adapter", str(adapter), "--output", str(tmp_path / "merged"))
     assert "An aLoRA adapter (alora_invocation_tokens) cannot be merged" in err and not (tmp_path / "merged").exists()
@@ -272,7 +268,7 @@ def test_a_4bit_base_takes_peft_s_alora_with_peft_s_logits(tmp_path):
 def test_named_adapters_refuse_an_alora(models, tmp_path):
     from peftkit.adapters.named import NamedAdapters
 
-    adapters = NamedAdapters(_load(models["llama"]))
+    adapters = NamedAdapters(load_fp32(models["llama"]))
     with pytest.raises(PeftkitError, match="'helper' is an activated LoRA .* load it alone"):
         adapters.load("helper", _peft_alora(models["llama"], tmp_path / "peft"))
 
@@ -296,7 +292,7 @@ def test_generation_is_peft_s_and_a_generated_invocation_does_not_start_the_adap
     path = models["llama"]
     adapter = _peft_alora(path, tmp_path / "peft", invocation, lora_alpha=32)
     model = load_adapted_model(str(path), str(adapter), torch.device("cpu"))[0]
-    theirs = PeftModel.from_pretrained(_load(path), adapter).eval()
+    theirs = PeftModel.from_pretrained(load_fp32(path), adapter).eval()
     tok = AutoTokenizer.from_pretrained(path)
     stops = stop_token_ids(model, tok)
     generated = []
@@ -329,7 +325,7 @@ def test_a_cache_cropped_back_before_the_invocation_runs_the_base(models, tmp_pa
         return out[0, len(conversation + going_on):].tolist()
 
     ours = run(load_adapted_model(str(path), str(adapter), torch.device("cpu"))[0].eval())
-    assert ours == run(PeftModel.from_pretrained(_load(path), adapter).eval()) == run(_load(path))
+    assert ours == run(PeftModel.from_pretrained(load_fp32(path), adapter).eval()) == run(load_fp32(path))
 
 
 def test_a_bf16_base_rounds_as_peft_s_and_keeps_the_base_before_the_invocation(models, tmp_path):
@@ -361,7 +357,7 @@ def test_an_adapted_output_head_generates_as_peft_s(models, tmp_path):
     model = load_adapted_model(str(path), str(adapter), torch.device("cpu"))[0]
     tok = AutoTokenizer.from_pretrained(path)
     prompts = [[3, 4, 5, 9, 7], [1, 2, 3, 4]]
-    theirs = PeftModel.from_pretrained(_load(path), adapter).eval()
+    theirs = PeftModel.from_pretrained(load_fp32(path), adapter).eval()
     assert generate_ids(model, tok, prompts, Sampling(max_new_tokens=6)) == \
         _peft_generate(theirs, prompts, stop_token_ids(model, tok), tok.pad_token_id, 6)
 

@@ -11,19 +11,14 @@ from peft import LoraConfig as PeftLora
 from peft import get_peft_model
 from peft.tuners.lora.arrow import create_arrow_model
 from peft.tuners.lora.config import ArrowConfig
-from transformers import AutoModelForCausalLM
 
 from peftkit.adapters.arrow import ArrowSettings, prototype
 from peftkit.adapters.named import load_named_model
 from peftkit.errors import PeftkitError
-from tests.conftest import save_peft_lora
+from tests.conftest import load_fp32, save_peft_lora
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
 TARGETS = ["q_proj", "v_proj", "down_proj"]
-
-
-def _load(path: Path) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def _adapters(base: Path, root: Path, count: int, seed: int, r: int = 4, **settings) -> list[str]:
@@ -40,7 +35,7 @@ def _adapters(base: Path, root: Path, count: int, seed: int, r: int = 4, **setti
 def test_logits_are_peft_s(top_k, temperature, general, tiny_llama, tmp_path):
     tasks, generals = _adapters(tiny_llama, tmp_path, 3, 0), _adapters(tiny_llama, tmp_path, general, 10)
     config = ArrowConfig(top_k=top_k, router_temperature=temperature, use_gks=bool(general), rng_seed=0)
-    theirs = create_arrow_model(_load(tiny_llama), tasks, config, general_adapter_paths=generals or None).eval()
+    theirs = create_arrow_model(load_fp32(tiny_llama), tasks, config, general_adapter_paths=generals or None).eval()
     model, adapters, _ = load_named_model([(f"t{i}", d) for i, d in enumerate(tasks)]
                                           + [(f"g{i}", d) for i, d in enumerate(generals)], str(tiny_llama))
     with torch.no_grad():
@@ -50,7 +45,7 @@ def test_logits_are_peft_s(top_k, temperature, general, tiny_llama, tmp_path):
             ours = model(input_ids=IDS).logits
         plain = model(input_ids=IDS).logits
     assert (ours - expected).abs().max() <= 1e-5
-    assert (plain - _load(tiny_llama)(input_ids=IDS).logits).abs().max() == 0  # after the block: the base again
+    assert (plain - load_fp32(tiny_llama)(input_ids=IDS).logits).abs().max() == 0  # after the block: the base again
     assert (ours - plain).abs().max() > 1e-2
 
 
@@ -101,7 +96,7 @@ def test_what_it_cannot_route_is_refused(tiny_llama, tmp_path):
     from peft import PromptTuningConfig
 
     torch.manual_seed(0)
-    get_peft_model(_load(tiny_llama), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).save_pretrained(
+    get_peft_model(load_fp32(tiny_llama), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).save_pretrained(
         tmp_path / "prompt")
     adapters.load("prompt", tmp_path / "prompt")
     for names, general, settings, message in [
@@ -146,13 +141,13 @@ def test_generate_arrow_is_cache_free_greedy_through_peft_s_arrow_model(tiny_lla
                         + [a for i, d in enumerate(tasks) for a in ("--adapter", f"t{i}={d}")]
                         + [a for p in prompts for a in ("--prompt", p)])
     main()
-    theirs = create_arrow_model(_load(tiny_llama), tasks, ArrowConfig(top_k=2, rng_seed=0)).eval()
+    theirs = create_arrow_model(load_fp32(tiny_llama), tasks, ArrowConfig(top_k=2, rng_seed=0)).eval()
     tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_llama)))
     stops = stop_token_ids(theirs, tok)
     expected = [tok.decode(greedy_no_cache(theirs, text_prompt(tok, p).ids, stops, 10), skip_special_tokens=True)
                 for p in prompts]
     assert [r["completion"] for r in json.loads(out.read_text())] == expected
-    assert expected != [tok.decode(greedy_no_cache(_load(tiny_llama), text_prompt(tok, p).ids, stops, 10),
+    assert expected != [tok.decode(greedy_no_cache(load_fp32(tiny_llama), text_prompt(tok, p).ids, stops, 10),
                                    skip_special_tokens=True) for p in prompts]
 
 
@@ -229,7 +224,7 @@ def test_chat_arrow_replies_as_cache_free_greedy_through_peft_s_arrow_model(tiny
                                       "--general", "t3", "--max-new-tokens", "6"])
     main()
     shown = capsys.readouterr().out
-    theirs = create_arrow_model(_load(tiny_llama), dirs[:3], ArrowConfig(top_k=3, rng_seed=0, use_gks=True),
+    theirs = create_arrow_model(load_fp32(tiny_llama), dirs[:3], ArrowConfig(top_k=3, rng_seed=0, use_gks=True),
                                 general_adapter_paths=dirs[3:]).eval()
     tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_llama)))
     messages = []
@@ -238,7 +233,7 @@ def test_chat_arrow_replies_as_cache_free_greedy_through_peft_s_arrow_model(tiny
         ids = greedy_no_cache(theirs, chat_prompt(tok, messages).ids, stop_token_ids(theirs, tok), 6)
         messages.append({"role": "assistant", "content": tok.decode(ids, skip_special_tokens=True)})
         assert f"model> {messages[-1]['content']}\n" in shown
-    base = greedy_no_cache(_load(tiny_llama), chat_prompt(tok, messages[:1]).ids, stop_token_ids(theirs, tok), 6)
+    base = greedy_no_cache(load_fp32(tiny_llama), chat_prompt(tok, messages[:1]).ids, stop_token_ids(theirs, tok), 6)
     assert tok.decode(base, skip_special_tokens=True) != messages[1]["content"]
 
     err = cli_user_error(monkeypatch, capsys, "chat", "--model", str(tiny_llama), *named[:4])
@@ -264,7 +259,7 @@ def test_eval_arrow_adds_a_row_with_peft_s_arrow_model_s_figures(tiny_llama, num
     main()
     results = json.loads(out.read_text())
     assert set(results) == {"base", "t0", "t1", "t2", "arrow"}
-    theirs = create_arrow_model(_load(tiny_llama), tasks[:2], ArrowConfig(top_k=2, use_gks=True, rng_seed=0),
+    theirs = create_arrow_model(load_fp32(tiny_llama), tasks[:2], ArrowConfig(top_k=2, use_gks=True, rng_seed=0),
                                 general_adapter_paths=tasks[2:]).eval()
     job = eval_job(None, [], str(tiny_llama), str(number_data["eval"]), None, None, None, None, None,
                    metrics="loss,exact_match", max_new_tokens=6)

@@ -14,23 +14,18 @@ from peft import LoraConfig as PeftLora
 from peft import PeftModel
 from peft.tuners.lora.config import BdLoraConfig
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
 from peftkit.adapters import inject_adapters
 from peftkit.errors import PeftkitError
 from peftkit.methods.bdlora import BlockDiagonal
 from peftkit.methods.lora import LoraConfig
 from peftkit.adapter_base import load_adapted_model
-from tests.conftest import (check_loads_and_merges_as_peft, cli_user_error, make_recipe, peft_and_our_gradients,
-                            save_peft_lora, save_random_adapter)
+from tests.conftest import (check_loads_and_merges_as_peft, cli_user_error, load_fp32, make_recipe,
+                            peft_and_our_gradients, save_peft_lora, save_random_adapter)
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
 BLOCKS = {"target_modules_bd_a": ["o_proj", "down_proj"], "target_modules_bd_b": ["q_proj", "v_proj"], "nblocks": 2}
-
-
-def _load(path: Path) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def _logits(model: torch.nn.Module) -> torch.Tensor:
@@ -65,7 +60,7 @@ def test_peft_loads_our_export_with_its_shapes_and_our_logits(tiny_llama, tmp_pa
     assert theirs["base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight"] == (4, 16)  # (r, in / 2)
     assert theirs["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"] == (32, 2)  # (out, r / 2)
     ours_logits = _logits(load_adapted_model(str(tiny_llama), str(ours), torch.device("cpu"))[0])
-    assert (ours_logits - _logits(PeftModel.from_pretrained(_load(tiny_llama), ours).eval())).abs().max() <= 1e-5
+    assert (ours_logits - _logits(PeftModel.from_pretrained(load_fp32(tiny_llama), ours).eval())).abs().max() <= 1e-5
 
 
 def test_gradients_equal_peft_s(tiny_llama, tmp_path):
@@ -87,9 +82,9 @@ def test_a_run_trains_what_peft_loads(tiny_llama, number_data, tmp_path):
     train(cfg)
     run = Path(cfg.export.output_dir)
     ours = _logits(load_adapted_model(str(tiny_llama), str(run / "adapter"), torch.device("cpu"))[0])
-    assert (ours - _logits(PeftModel.from_pretrained(_load(tiny_llama), run / "adapter").eval())).abs().max() <= 1e-5
-    assert (ours - _logits(_load(run / "merged"))).abs().max() <= 1e-5
-    assert (ours - _logits(_load(tiny_llama))).abs().max() > 1e-3
+    assert (ours - _logits(PeftModel.from_pretrained(load_fp32(tiny_llama), run / "adapter").eval())).abs().max() <= 1e-5
+    assert (ours - _logits(load_fp32(run / "merged"))).abs().max() <= 1e-5
+    assert (ours - _logits(load_fp32(tiny_llama))).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize(("adapter", "message"), [
@@ -115,11 +110,11 @@ def test_what_cannot_carry_it_refuses_it(tiny_llama, tmp_path):
     from peftkit.inspect import inspect_adapter
 
     with pytest.raises(PeftkitError, match="'model.embed_tokens' is an Embedding, and BD-LoRA"):
-        inject_adapters(_load(tiny_llama), LoraConfig(target_modules=["embed_tokens"], use_bdlora=BLOCKS | {
+        inject_adapters(load_fp32(tiny_llama), LoraConfig(target_modules=["embed_tokens"], use_bdlora=BLOCKS | {
             "target_modules_bd_a": ["embed_tokens"]}))
     adapter = _peft_adapter(tiny_llama, tmp_path / "peft")
     with pytest.raises(PeftkitError, match="'bd' has block-diagonal factors"):
-        NamedAdapters(_load(tiny_llama)).load("bd", adapter)
+        NamedAdapters(load_fp32(tiny_llama)).load("bd", adapter)
     info = inspect_adapter(adapter)
     assert "BD-LoRA (block-diagonal factors)" in info["variants"] and set(info["ranks"].values()) == {4}
     assert not info["llama_cpp"]["accepts"] and info["peftkit_reads"]["ok"]
@@ -140,7 +135,7 @@ def test_conv1d_and_quantized_targets_are_refused_where_peft_builds_no_block(tmp
     gpt2 = tmp_path / "gpt2"
     build_tiny_model(gpt2, arch="gpt2", hidden_size=32, num_layers=2, seed=0)
     with pytest.raises(PeftkitError, match="'transformer.h.0.attn.c_attn' is a Conv1D layer, where peft builds no"):
-        inject_adapters(_load(gpt2), LoraConfig(r=4, target_modules=["c_attn"], use_bdlora={
+        inject_adapters(load_fp32(gpt2), LoraConfig(r=4, target_modules=["c_attn"], use_bdlora={
             "target_modules_bd_b": ["c_attn"], "nblocks": 2}))
     llama = tmp_path / "llama64"
     build_tiny_model(llama, arch="llama", hidden_size=64, num_layers=2, seed=0)
@@ -154,7 +149,7 @@ def test_peft_s_settings_read_as_peft_reads_them(tiny_llama, tmp_path):
     import json
 
     adapter = _peft_adapter(tiny_llama, tmp_path / "peft")
-    theirs = _logits(PeftModel.from_pretrained(_load(tiny_llama), adapter).eval())
+    theirs = _logits(PeftModel.from_pretrained(load_fp32(tiny_llama), adapter).eval())
     config = json.loads((adapter / "adapter_config.json").read_text())
     config["use_bdlora"] |= {"future_key": 1, "match_strict": None}
     (adapter / "adapter_config.json").write_text(json.dumps(config))

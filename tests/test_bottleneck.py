@@ -11,7 +11,6 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
 from peftkit.adapters import adapter_layers, count_parameters, inject_adapters
 from peftkit.adapters.state_dicts import adapter_state_dict
@@ -19,12 +18,8 @@ from peftkit.errors import PeftkitError
 from peftkit.merge import merge_adapter
 from peftkit.methods.bottleneck import BottleneckConfig
 from peftkit.peft_format import peft_config, save_adapter
-from tests.conftest import make_recipe, random_adapters
+from tests.conftest import load_fp32, make_recipe, random_adapters
 from tests.test_methods import IDS, models  # noqa: F401  (the fixture: tiny llama, qwen2 and gpt2)
-
-
-def _load(path):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def _cfg(**kw) -> BottleneckConfig:
@@ -35,7 +30,7 @@ def _cfg(**kw) -> BottleneckConfig:
 def test_dense_formula(placement, models):  # noqa: F811
     """serial: y + s (W_u act(W_d y + b_d) + b_u) on the sub-layer's output y; parallel: the same of its input x,
     added to y; on the MLP and on the attention block (after o_proj) of a Llama layer, gelu, s = 2."""
-    model = _load(models["llama"])
+    model = load_fp32(models["llama"])
     inject_adapters(model, _cfg(placement=placement, after="both", non_linearity="gelu", scaling=2.0,
                                 reduction_factor=4))
     random_adapters(model, seed=1, std=0.5)
@@ -62,7 +57,7 @@ def test_dense_formula(placement, models):  # noqa: F811
                          ids=["serial-norms", "parallel"])
 def test_step_0_is_exactly_the_base(cfg, arch, models):  # noqa: F811
     """The up-projection starts at zero (weight and bias): the adapter adds exactly 0, bit for bit."""
-    model = _load(models[arch])
+    model = load_fp32(models[arch])
     with torch.no_grad():
         base = model(IDS).logits
     torch.manual_seed(0)
@@ -77,7 +72,7 @@ def test_saved_layout_and_trained_norms(models, tmp_path):  # noqa: F811
     """The layout the README documents: per sub-layer adapter_down/up weight and bias, per norm norm_weight (and
     norm_bias for a LayerNorm); the norms' copies train, the base norms stay frozen."""
     cfg = _cfg(after="attention", train_norms=True, reduction_factor=8)
-    model = _load(models["gpt2"])
+    model = load_fp32(models["gpt2"])
     targets = inject_adapters(model, cfg)
     save_adapter(tmp_path / "a", adapter_state_dict(model, []),
                  peft_config(cfg, targets, str(models["gpt2"]), True, "gpt2"))
@@ -111,7 +106,7 @@ def test_norms_inside_the_attention_train_and_load(arch, after, tmp_path):
     from peftkit.tiny import build_tiny_model
 
     build_tiny_model(tmp_path / "base", arch=arch, hidden_size=32, num_layers=2, seed=0)
-    model, cfg = _load(tmp_path / "base"), _cfg(after=after, train_norms=True)
+    model, cfg = load_fp32(tmp_path / "base"), _cfg(after=after, train_norms=True)
     with torch.no_grad():
         base = model(IDS).logits
     torch.manual_seed(0)
@@ -163,7 +158,7 @@ def test_a_mixture_s_fused_experts_take_the_adapter_after_the_block(arch, placem
     from peftkit.tiny import build_tiny_model
 
     build_tiny_model(tmp_path / "base", arch=arch, hidden_size=32, num_layers=2, seed=0)
-    model = _load(tmp_path / "base")
+    model = load_fp32(tmp_path / "base")
     with torch.no_grad():
         base = model(IDS).logits
     inject_adapters(model, _cfg(placement=placement, after="both", non_linearity="gelu", scaling=2.0,
@@ -245,8 +240,8 @@ def test_refusals(models, tmp_path):  # noqa: F811
     from peftkit.recipe import load_recipe
 
     with pytest.raises(PeftkitError, match=r"adapter.reduction_factor: 64.0? leaves no bottleneck for hidden size 32"):
-        inject_adapters(_load(models["llama"]), _cfg(reduction_factor=64))
-    model = _load(models["llama"])
+        inject_adapters(load_fp32(models["llama"]), _cfg(reduction_factor=64))
+    model = load_fp32(models["llama"])
     targets = inject_adapters(model, _cfg())
     save_adapter(tmp_path / "a", adapter_state_dict(model, []), peft_config(_cfg(), targets, str(models["llama"]), False))
     with pytest.raises(PeftkitError, match=r"Bottleneck adapters \(method: bottleneck\) .* cannot be merged"):
@@ -272,7 +267,7 @@ def test_defaults_and_inspect(models, tmp_path):  # noqa: F811
 
     assert (_cfg().scaling, _cfg(placement="parallel").scaling, _cfg(placement="parallel", scaling=2).scaling) == \
         (1.0, 4.0, 2.0)
-    model = _load(models["qwen2"])
+    model = load_fp32(models["qwen2"])
     targets = inject_adapters(model, _cfg(after="both", reduction_factor=8))
     save_adapter(tmp_path / "a", adapter_state_dict(model, []),
                  peft_config(_cfg(after="both", reduction_factor=8), targets, str(models["qwen2"]), False))

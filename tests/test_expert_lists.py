@@ -13,12 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
 
 from peftkit.errors import PeftkitError
 from peftkit.adapter_base import load_adapted_model
 from peftkit.tiny import build_tiny_model
-from tests.conftest import check_loads_and_merges_as_peft, cli_user_error, method_recipe
+from tests.conftest import check_loads_and_merges_as_peft, cli_user_error, load_fp32, method_recipe
 
 IDS = torch.tensor([[1, 5, 9, 3, 7, 2, 8, 4, 6, 10], [4, 4, 2, 9, 1, 3, 3, 7, 5, 8]])
 BLOCK = {"mixtral": "block_sparse_moe", "qwen2_moe": "mlp", "qwen3_moe": "mlp"}  # transformers 4's name of the experts' block
@@ -35,10 +34,6 @@ def bases(tmp_path_factory) -> dict[str, Path]:
     for arch in BLOCK:
         build_tiny_model(root / arch, arch=arch, hidden_size=32, num_layers=2, seed=0)
     return {arch: root / arch for arch in BLOCK}
-
-
-def _load(path: Path) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def _logits(model: torch.nn.Module) -> torch.Tensor:
@@ -70,7 +65,7 @@ def v4_adapter(base: Path, out: Path, arch: str, targets: list[str], r: int = 2,
                **config) -> tuple[Path, torch.Tensor]:
     """A LoRA adapter as peft saved it on transformers 4 (far from identity), and the logits of the model it was
     trained for: each v4 layer's s B A added to its rows of the fused weights."""
-    model = _load(base)
+    model = load_fp32(base)
     params = dict(model.named_parameters())
     g = torch.Generator().manual_seed(seed)
     state = {}
@@ -117,7 +112,7 @@ def test_qwen2_moe_s_shared_expert_keeps_its_layers_where_peft_drops_the_experts
     check_loads_and_merges_as_peft(bases["qwen2_moe"], adapter, IDS, tmp_path / "merged", theirs=expected)
     model = load_adapted_model(str(bases["qwen2_moe"]), str(adapter), torch.device("cpu"))[0]
     assert type(model.model.layers[0].mlp.shared_expert.gate_proj).__name__ == "LoraLinear"
-    assert (_logits(PeftModel.from_pretrained(_load(bases["qwen2_moe"]), adapter)) - expected).abs().max() > 1e-2
+    assert (_logits(PeftModel.from_pretrained(load_fp32(bases["qwen2_moe"]), adapter)) - expected).abs().max() > 1e-2
     adapter, expected = v4_adapter(bases["qwen2_moe"], tmp_path / "router", "qwen2_moe", ALL["qwen2_moe"])
     assert (_logits(load_adapted_model(str(bases["qwen2_moe"]), str(adapter), torch.device("cpu"))[0])
             - expected).abs().max() <= 1e-5
@@ -140,9 +135,9 @@ def test_what_peft_does_not_load_right_loads_as_the_model_it_was_trained_for(cas
     check_loads_and_merges_as_peft(bases["mixtral"], adapter, IDS, tmp_path / "merged", theirs=expected)
     if case in ("dropout", "one_of_a_pair"):
         with pytest.raises(ValueError, match="lora_dropout|without also targeting w3"):
-            PeftModel.from_pretrained(_load(bases["mixtral"]), adapter)
+            PeftModel.from_pretrained(load_fp32(bases["mixtral"]), adapter)
     elif case == "rslora":
-        theirs = _logits(PeftModel.from_pretrained(_load(bases["mixtral"]), adapter))
+        theirs = _logits(PeftModel.from_pretrained(load_fp32(bases["mixtral"]), adapter))
         assert (theirs - expected).abs().max() > 1e-2
 
 
@@ -152,7 +147,7 @@ def test_named_adapters_refuse_it_as_lora_on_parameters(bases, tmp_path):
     adapter, _ = v4_adapter(bases["mixtral"], tmp_path / "v4", "mixtral", ALL["mixtral"])
     with pytest.raises(PeftkitError, match=r"adapts parameters \(target_parameters\), which named adapters do not "
                                            "route per row; load it alone"):
-        NamedAdapters(_load(bases["mixtral"])).load("moe", adapter)
+        NamedAdapters(load_fp32(bases["mixtral"])).load("moe", adapter)
 
 
 def test_an_adapter_missing_experts_is_refused_naming_them(bases, tmp_path):

@@ -14,23 +14,18 @@ import yaml
 from peft import LoraConfig as PeftLora
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
 from peftkit.adapters import inject_adapters
 from peftkit.errors import PeftkitError
 from peftkit.methods.kasa import KasaSettings, KasaTrainer
 from peftkit.methods.lora import LoraConfig
 from peftkit.adapter_base import load_adapted_model
-from tests.conftest import (check_loads_and_merges_as_peft, check_resumes_to_the_same_bits, cli_user_error, make_recipe,
-                            peft_and_our_gradients, peft_lora, save_random_adapter)
+from tests.conftest import (check_loads_and_merges_as_peft, check_resumes_to_the_same_bits, cli_user_error, load_fp32,
+                            make_recipe, peft_and_our_gradients, peft_lora, save_random_adapter)
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
 TARGETS = ["q_proj", "down_proj"]
 SETTINGS = {"beta": 0.01, "gamma": 0.02}
-
-
-def _load(path: Path) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def _peft_model(base: Path):
@@ -45,13 +40,13 @@ def _peft_adapter(base: Path, out: Path) -> Path:
 def test_adapters_load_and_merge_as_peft_s_on_the_same_truncated_base(tiny_llama, tmp_path):
     adapter = _peft_adapter(tiny_llama, tmp_path / "peft")
     check_loads_and_merges_as_peft(tiny_llama, adapter, IDS, tmp_path / "merged")
-    theirs = PeftModel.from_pretrained(_load(tiny_llama), adapter)
+    theirs = PeftModel.from_pretrained(load_fp32(tiny_llama), adapter)
     ours = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[0]
     for path in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
         truncated = ours.get_submodule(path).base_layer.weight
         assert torch.equal(truncated, theirs.base_model.model.get_submodule(path).base_layer.weight)
         singular = torch.linalg.svdvals(truncated)  # (r = 4 of them dropped, the rest kept)
-        original = torch.linalg.svdvals(_load(tiny_llama).get_submodule(path).weight)
+        original = torch.linalg.svdvals(load_fp32(tiny_llama).get_submodule(path).weight)
         assert singular[-4:].abs().max() < 1e-4 and (singular[:-4] - original[:-4]).abs().max() < 1e-4
     # The update s B diag(d) A: without the diagonal (plain LoRA on the truncated base), other logits.
     diag = ours.get_parameter("model.layers.0.self_attn.q_proj.lora_diag")
@@ -81,9 +76,9 @@ def test_peft_loads_ours_with_our_logits(tiny_llama, tmp_path):
     assert json.loads((ours / "adapter_config.json").read_text())["kasa_config"] == SETTINGS
     with torch.no_grad():
         logits = load_adapted_model(str(tiny_llama), str(ours), torch.device("cpu"))[0](input_ids=IDS).logits
-        theirs = PeftModel.from_pretrained(_load(tiny_llama), ours)(input_ids=IDS).logits
+        theirs = PeftModel.from_pretrained(load_fp32(tiny_llama), ours)(input_ids=IDS).logits
     assert (logits - theirs).abs().max() <= 1e-5
-    assert (logits - _load(tiny_llama)(input_ids=IDS).logits).abs().max() > 1e-2
+    assert (logits - load_fp32(tiny_llama)(input_ids=IDS).logits).abs().max() > 1e-2
 
 
 def test_a_run_trains_it_with_the_regulariser_and_exports_what_peft_loads(tiny_llama, number_data, tmp_path):
@@ -98,8 +93,8 @@ def test_a_run_trains_it_with_the_regulariser_and_exports_what_peft_loads(tiny_l
     assert [r["regularizer"] for r in records if "regularizer" in r][0] > 0
     with torch.no_grad():
         ours = load_adapted_model(str(tiny_llama), str(run / "adapter"), torch.device("cpu"))[0](input_ids=IDS).logits
-        theirs = PeftModel.from_pretrained(_load(tiny_llama), run / "adapter")(input_ids=IDS).logits
-        merged = _load(run / "merged")(input_ids=IDS).logits
+        theirs = PeftModel.from_pretrained(load_fp32(tiny_llama), run / "adapter")(input_ids=IDS).logits
+        merged = load_fp32(run / "merged")(input_ids=IDS).logits
     assert (ours - theirs).abs().max() <= 1e-5 and (merged - theirs).abs().max() <= 1e-5
 
 
@@ -122,9 +117,9 @@ def test_layers_it_cannot_adapt_are_refused(tiny_llama, tiny_gpt2, tmp_path):
     from tests.test_qlora import load_quantized
 
     with pytest.raises(PeftkitError, match="'model.embed_tokens' is an Embedding, and KaSA adapts linear layers"):
-        inject_adapters(_load(tiny_llama), LoraConfig(target_modules=["embed_tokens"], kasa_config={}))
+        inject_adapters(load_fp32(tiny_llama), LoraConfig(target_modules=["embed_tokens"], kasa_config={}))
     with pytest.raises(PeftkitError, match="'transformer.h.0.attn.c_attn' is a Conv1D, which peft's KaSA refuses"):
-        inject_adapters(_load(tiny_gpt2), LoraConfig(target_modules=["c_attn"], kasa_config={}))
+        inject_adapters(load_fp32(tiny_gpt2), LoraConfig(target_modules=["c_attn"], kasa_config={}))
     llama = tmp_path / "llama64"
     build_tiny_model(llama, arch="llama", hidden_size=64, num_layers=2, seed=0)
     with pytest.raises(PeftkitError, match="'model.layers.0.self_attn.q_proj' is a 4-bit/8-bit layer, whose weight "
@@ -176,7 +171,7 @@ def test_loraplus_trains_the_singular_values_with_b_as_peft(tiny_llama):
     from peftkit.recipe.schema import TrainingConfig
     from peftkit.runtime import optimizer_groups
 
-    model = _load(tiny_llama)
+    model = load_fp32(tiny_llama)
     inject_adapters(model, LoraConfig(r=4, target_modules=TARGETS, kasa_config={}))
     groups = optimizer_groups(TrainingConfig(lr=1e-3, loraplus_lr_ratio=16), model)
     diag = model.get_parameter("model.layers.0.self_attn.q_proj.lora_diag")
@@ -204,8 +199,8 @@ def test_eval_compares_it_beside_other_adapters_on_a_model_of_its_own(tiny_llama
     results = json.loads(out.read_text())
     job = eval_job(None, [], str(tiny_llama), str(number_data["eval"]), None, None, None, None, None)
     for name, adapter in (("k", kasa), ("l", lora)):
-        theirs = evaluate(job, PeftModel.from_pretrained(_load(tiny_llama), adapter))
+        theirs = evaluate(job, PeftModel.from_pretrained(load_fp32(tiny_llama), adapter))
         assert abs(results[name]["loss"] - theirs["loss"]) <= 1e-5
-    assert abs(results["base"]["loss"] - evaluate(job, _load(tiny_llama))["loss"]) <= 1e-6
+    assert abs(results["base"]["loss"] - evaluate(job, load_fp32(tiny_llama))["loss"]) <= 1e-6
     err = cli_user_error(monkeypatch, capsys, *argv[1:], "--arrow", "--arrow-top-k", "1")
     assert "--arrow routes plain LoRA adapters, and 'k' sets kasa_config" in " ".join(err.split())

@@ -14,7 +14,6 @@ import torch
 from peft import LoraConfig as PeftLora
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
 from conftest import cli_user_error, make_recipe
 from peftkit.errors import PeftkitError
@@ -22,6 +21,7 @@ from peftkit.merge_weights import merged_model
 from peftkit.adapter_base import load_adapted_model
 from peftkit.recipe import load_recipe
 from peftkit.tiny import build_tiny_model
+from tests.conftest import load_fp32
 
 IDS = torch.tensor([[1, 40, 41, 42, 7, 60, 61, 62]])
 STACK = [[0, 2], [1, 2]]  # layers 0, 1, 1 of the 2-layer tiny models
@@ -35,10 +35,6 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return {arch: root / arch for arch in ("llama", "qwen2", "gemma2")}
 
 
-def _load(path: Path) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
 @torch.no_grad()
 def _logits(model: torch.nn.Module) -> torch.Tensor:
     return model.eval()(IDS).logits
@@ -47,7 +43,7 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
 def test_peft_s_adapter_loads_merges_and_generates_with_peft_s_numbers(arch, models, tmp_path):
     torch.manual_seed(0)
-    peft_model = get_peft_model(_load(models[arch]), PeftLora(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"],
+    peft_model = get_peft_model(load_fp32(models[arch]), PeftLora(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"],
                                                              init_lora_weights=False, layer_replication=STACK)).eval()
     peft_model.save_pretrained(tmp_path / "peft")
     config = peft_model.base_model.model.config
@@ -64,7 +60,7 @@ def test_peft_s_adapter_loads_merges_and_generates_with_peft_s_numbers(arch, mod
     assert layers[1].mlp.up_proj.weight is layers[2].mlp.up_proj.weight
     assert not torch.equal(layers[1].self_attn.q_proj.lora_B.weight, layers[2].self_attn.q_proj.lora_B.weight)
     merged_model(model, cfg, torch.float32).save_pretrained(tmp_path / "merged")
-    merged = _load(tmp_path / "merged")
+    merged = load_fp32(tmp_path / "merged")
     assert merged.config.num_hidden_layers == 3 and (_logits(merged) - expected).abs().max() <= 1e-5
     generated = model.generate(IDS, max_new_tokens=6, do_sample=False)  # with the KV cache of 3 layers
     assert torch.equal(generated, peft_model.generate(input_ids=IDS, max_new_tokens=6, do_sample=False))
@@ -82,9 +78,9 @@ def test_a_run_trains_each_copy_and_peft_loads_the_export(tiny_llama, number_dat
     tensors = load_file(run / "adapter" / "adapter_model.safetensors")
     assert "base_model.model.model.layers.2.self_attn.q_proj.lora_B.weight" in tensors
     ours = load_adapted_model(str(tiny_llama), str(run / "adapter"))[0]
-    peft_model = PeftModel.from_pretrained(_load(tiny_llama), run / "adapter")
+    peft_model = PeftModel.from_pretrained(load_fp32(tiny_llama), run / "adapter")
     assert (_logits(ours) - _logits(peft_model)).abs().max() <= 1e-5
-    assert (_logits(_load(run / "merged")) - _logits(ours)).abs().max() <= 1e-5
+    assert (_logits(load_fp32(run / "merged")) - _logits(ours)).abs().max() <= 1e-5
 
 
 def test_mistakes_are_refused_saying_why(tiny_llama, number_data, tmp_path, monkeypatch, capsys):
@@ -106,7 +102,7 @@ def test_sharded_engines_named_adapters_and_combining_refuse_it(tiny_llama, numb
     with pytest.raises(PeftkitError, match="FSDP and ZeRO-3 shard once per layer"):
         check_engine(recipe, SimpleNamespace(distributed_type=DistributedType.FSDP))
     torch.manual_seed(0)
-    get_peft_model(_load(tiny_llama), PeftLora(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"],
+    get_peft_model(load_fp32(tiny_llama), PeftLora(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"],
                                                layer_replication=STACK)).save_pretrained(tmp_path / "peft")
     with pytest.raises(PeftkitError, match="stacks the base's layers again"):
         load_named_model([("a", str(tmp_path / "peft"))], str(tiny_llama))
@@ -120,7 +116,7 @@ def test_init_from_with_the_ranges_in_another_order_is_a_conflict(tiny_llama, nu
     import yaml
 
     torch.manual_seed(0)
-    get_peft_model(_load(tiny_llama), PeftLora(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"],
+    get_peft_model(load_fp32(tiny_llama), PeftLora(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"],
                                                layer_replication=STACK)).save_pretrained(tmp_path / "peft")
     recipe = make_recipe(tmp_path, tiny_llama, number_data)
     text = yaml.safe_load(recipe.read_text())
@@ -134,7 +130,7 @@ def test_inspect_says_servers_do_not_stack_the_layers(tiny_llama, tmp_path):
     from peftkit.inspect import inspect_adapter
 
     torch.manual_seed(0)
-    get_peft_model(_load(tiny_llama), PeftLora(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"],
+    get_peft_model(load_fp32(tiny_llama), PeftLora(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"],
                                                layer_replication=STACK)).save_pretrained(tmp_path / "peft")
     info = inspect_adapter(tmp_path / "peft")
     assert info["layer_replication"] == STACK
@@ -149,7 +145,7 @@ def test_an_in_place_merge_into_weights_copies_share_is_refused(tiny_llama, tmp_
     from peftkit.adapters import adapter_layers
 
     torch.manual_seed(0)
-    peft_model = get_peft_model(_load(tiny_llama), PeftLora(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"],
+    peft_model = get_peft_model(load_fp32(tiny_llama), PeftLora(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"],
                                                            init_lora_weights=False, layer_replication=STACK)).eval()
     peft_model.save_pretrained(tmp_path / "peft")
     expected = _logits(peft_model)
@@ -175,7 +171,7 @@ def test_an_in_place_merge_into_experts_copies_share_is_refused_too(tmp_path):
 
     build_tiny_model(tmp_path / "mixtral", arch="mixtral", hidden_size=32, num_layers=2, seed=0)
     torch.manual_seed(0)
-    peft_model = get_peft_model(_load(tmp_path / "mixtral"), PeftLora(
+    peft_model = get_peft_model(load_fp32(tmp_path / "mixtral"), PeftLora(
         task_type="CAUSAL_LM", r=2, target_modules=[], target_parameters=["experts.gate_up_proj", "experts.down_proj"],
         init_lora_weights=False, layer_replication=STACK)).eval()
     peft_model.save_pretrained(tmp_path / "peft")
@@ -206,7 +202,7 @@ def test_a_deep_copy_of_the_stacked_model_still_refuses_the_in_place_merge(tiny_
     from peftkit.adapters import adapter_layers
 
     torch.manual_seed(0)
-    peft_model = get_peft_model(_load(tiny_llama), PeftLora(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"],
+    peft_model = get_peft_model(load_fp32(tiny_llama), PeftLora(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"],
                                                            init_lora_weights=False, layer_replication=STACK)).eval()
     peft_model.save_pretrained(tmp_path / "peft")
     expected = _logits(peft_model)

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from peft import AdaptionPromptConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, MistralForCausalLM
+from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
 
 from peftkit.adapters import adapter_layers, count_parameters, inject_adapters
 from peftkit.adapters.state_dicts import adapter_state_dict
@@ -20,7 +20,7 @@ from peftkit.methods.llama_adapter import LlamaAdapterConfig
 from peftkit.adapter_base import load_adapted_model
 from peftkit.peft_format import peft_config, save_adapter
 from peftkit.tiny import build_char_tokenizer
-from tests.conftest import random_adapters
+from tests.conftest import load_fp32, random_adapters
 from tests.test_generate import _check_matches_reference
 from tests.test_methods import IDS, models  # noqa: F401  (the fixture: tiny llama, qwen2 and gpt2)
 
@@ -42,10 +42,6 @@ def mistral(tmp_path_factory):
     return path
 
 
-def _load(path):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
 def _rotate_half(x):
     return torch.cat((-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]), dim=-1)
 
@@ -53,7 +49,7 @@ def _rotate_half(x):
 def test_attention_formula(models):  # noqa: F811
     """The adapted block's output minus the base block's is o_proj(gate * softmax(RoPE(Q) K^T / sqrt(d)) V), written
     here per head with einsum: K = P Wk^T, V = P Wv^T un-rotated, key/value head j serving query heads 2j, 2j + 1."""
-    model = _load(models["llama"])
+    model = load_fp32(models["llama"])
     torch.manual_seed(0)
     inject_adapters(model, CFG)
     random_adapters(model, seed=1, std=0.1)
@@ -90,7 +86,7 @@ def test_heads_narrower_than_the_hidden_size_run_here_and_fail_in_peft(tmp_path)
                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
     MistralForCausalLM(config).save_pretrained(tmp_path / "nemo")
-    model = _load(tmp_path / "nemo")
+    model = load_fp32(tmp_path / "nemo")
     targets = inject_adapters(model, CFG)
     random_adapters(model, seed=1, std=0.1)
     layer = adapter_layers(model)["model.layers.1.self_attn"]
@@ -111,11 +107,11 @@ def test_heads_narrower_than_the_hidden_size_run_here_and_fail_in_peft(tmp_path)
     save_adapter(tmp_path / "a", adapter_state_dict(model, []),
                  peft_config(CFG, targets, str(tmp_path / "nemo"), False, "mistral"))
     with pytest.raises(RuntimeError, match="is invalid for input of size"):  # peft's view(1, 5, 4, 12) of 5 x 24
-        PeftModel.from_pretrained(_load(tmp_path / "nemo"), tmp_path / "a")(IDS)
+        PeftModel.from_pretrained(load_fp32(tmp_path / "nemo"), tmp_path / "a")(IDS)
 
 
 def test_only_prompts_and_gates_train_and_step_0_is_the_base(models):  # noqa: F811
-    model = _load(models["llama"])
+    model = load_fp32(models["llama"])
     with torch.no_grad():
         base = model(IDS).logits
     inject_adapters(model, CFG)
@@ -129,7 +125,7 @@ def test_only_prompts_and_gates_train_and_step_0_is_the_base(models):  # noqa: F
 def _peft_reference(path, seed: int = 3):
     """An adapter peft made: random prompts (peft's N(0, 1) init) and a gate moved off 0."""
     torch.manual_seed(seed)
-    reference = get_peft_model(_load(path), AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=5, adapter_layers=2))
+    reference = get_peft_model(load_fp32(path), AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=5, adapter_layers=2))
     with torch.no_grad():
         for name, p in reference.named_parameters():
             if name.endswith("adaption_gate"):
@@ -139,17 +135,17 @@ def _peft_reference(path, seed: int = 3):
 
 def test_mistral_gqa_matches_peft_both_ways(mistral, tmp_path):
     """Ours in peft and peft's in peftkit: logits and loss within 1e-4 (fp32; measured ~1e-7)."""
-    ours = _load(mistral)
+    ours = load_fp32(mistral)
     torch.manual_seed(0)
     targets = inject_adapters(ours, CFG)
     random_adapters(ours, seed=1, std=0.1)
     save_adapter(tmp_path / "ours", adapter_state_dict(ours, []),
                  peft_config(CFG, targets, str(mistral), False, "mistral"))
-    theirs = PeftModel.from_pretrained(_load(mistral), tmp_path / "ours").eval()
+    theirs = PeftModel.from_pretrained(load_fp32(mistral), tmp_path / "ours").eval()
     with torch.no_grad():
         a, b = ours(IDS, labels=IDS), theirs(IDS, labels=IDS)
     assert float((a.logits - b.logits).abs().max()) <= 1e-4 and abs(float(a.loss - b.loss)) <= 1e-4
-    assert float((a.logits - _load(mistral)(IDS).logits).abs().max()) > 1e-2
+    assert float((a.logits - load_fp32(mistral)(IDS).logits).abs().max()) > 1e-2
 
     reference = _peft_reference(mistral)
     reference.save_pretrained(tmp_path / "peft")
@@ -163,7 +159,7 @@ def test_mistral_gqa_matches_peft_both_ways(mistral, tmp_path):
 def test_mistral_generation_is_cache_free_greedy(mistral):
     """transformers' generate with its KV cache and left padding: the queries of the new tokens get the RoPE of
     their own positions (from the attention mask), as in one full forward per token without a cache."""
-    model = _load(mistral)
+    model = load_fp32(mistral)
     torch.manual_seed(0)
     inject_adapters(model, CFG)
     random_adapters(model, seed=1, std=0.3)
@@ -173,7 +169,7 @@ def test_mistral_generation_is_cache_free_greedy(mistral):
 def test_merge_is_refused_everywhere(models, tmp_path):  # noqa: F811
     from peftkit.recipe import load_recipe
 
-    model = _load(models["llama"])
+    model = load_fp32(models["llama"])
     targets = inject_adapters(model, CFG)
     message = r"Llama-Adapter adapters \(method: llama_adapter\) add computation of their own .* cannot be merged"
     with pytest.raises(PeftkitError, match=message):
@@ -192,9 +188,9 @@ def test_merge_is_refused_everywhere(models, tmp_path):  # noqa: F811
 def test_refusals(models, tmp_path):  # noqa: F811
     with pytest.raises(PeftkitError, match=r"model type 'qwen2' is not supported; peft's ADAPTION_PROMPT.*llama, "
                                            r"mistral, gpt2"):
-        inject_adapters(_load(models["qwen2"]), CFG)
+        inject_adapters(load_fp32(models["qwen2"]), CFG)
     with pytest.raises(PeftkitError, match=r"adapter.adapter_layers: 3, but the model has 2 attention layers"):
-        inject_adapters(_load(models["llama"]), CFG.model_copy(update={"adapter_layers": 3}))
+        inject_adapters(load_fp32(models["llama"]), CFG.model_copy(update={"adapter_layers": 3}))
     from peftkit.methods.llama_adapter import LlamaAdapter, PeftAdaptionPromptConfig
 
     file = tmp_path / "adapter_config.json"
@@ -207,7 +203,7 @@ def test_refusals(models, tmp_path):  # noqa: F811
 def test_inspect(models, tmp_path):  # noqa: F811
     from peftkit.inspect import inspect_adapter
 
-    model = _load(models["gpt2"])
+    model = load_fp32(models["gpt2"])
     targets = inject_adapters(model, CFG.model_copy(update={"adapter_layers": None}))
     save_adapter(tmp_path / "a", adapter_state_dict(model, []),
                  peft_config(CFG, targets, str(models["gpt2"]), True, "gpt2"))

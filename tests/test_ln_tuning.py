@@ -9,25 +9,20 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LNTuningConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM
 
 from peftkit.adapters import inject_adapters
 from peftkit.errors import PeftkitError
 from peftkit.methods.ln_tuning import LnTuningConfig
 from tests.conftest import (check_loads_and_merges_as_peft, check_run_for_peft_resumes, cli_user_error,
-                            gpt2_without_dropout, method_recipe, peft_and_our_gradients)
+                            gpt2_without_dropout, load_fp32, method_recipe, peft_and_our_gradients)
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
-
-
-def _load(path: Path) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def _peft_adapter(base: Path, out: Path, seed: int = 0) -> Path:
     """peft's LN tuning adapter on `base` (its defaults), its copies moved off the base's values."""
     torch.manual_seed(seed)
-    model = get_peft_model(_load(base), LNTuningConfig(task_type="CAUSAL_LM"))
+    model = get_peft_model(load_fp32(base), LNTuningConfig(task_type="CAUSAL_LM"))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "ln_tuning_layers" in name:
@@ -77,7 +72,7 @@ def test_an_architecture_without_a_default_is_told_to_name_the_norms(tmp_path):
     from peftkit.tiny import build_tiny_model
 
     build_tiny_model(tmp_path / "m", arch="gemma2", hidden_size=32, num_layers=1, seed=0)
-    model = _load(tmp_path / "m")
+    model = load_fp32(tmp_path / "m")
     model.config.model_type = "unknown"
     with pytest.raises(PeftkitError, match="LN tuning has no default for model type 'unknown'"):
         inject_adapters(model, LnTuningConfig(method="ln_tuning"))
@@ -90,7 +85,7 @@ def test_two_named_adapters_serve_each_its_rows_as_peft(tiny_llama, tmp_path):
     for seed in (0, 1):
         _peft_adapter(tiny_llama, tmp_path / str(seed), seed=seed)
         with torch.no_grad():
-            expected.append(PeftModel.from_pretrained(_load(tiny_llama), tmp_path / str(seed))(input_ids=IDS).logits)
+            expected.append(PeftModel.from_pretrained(load_fp32(tiny_llama), tmp_path / str(seed))(input_ids=IDS).logits)
     model, adapters = load_named_model([("a", str(tmp_path / "0")), ("b", str(tmp_path / "1"))], str(tiny_llama))[:2]
     with torch.no_grad(), adapters.routed(["a", "b"]):
         mixed = model.eval()(input_ids=IDS).logits
@@ -119,8 +114,8 @@ def test_exclude_modules_leaves_out_what_peft_leaves_out(tiny_llama):
     from peftkit.adapters import adapter_layers
 
     excluded = ["model.norm", "layers.0.input_layernorm"]
-    theirs = get_peft_model(_load(tiny_llama), LNTuningConfig(task_type="CAUSAL_LM", exclude_modules=excluded))
+    theirs = get_peft_model(load_fp32(tiny_llama), LNTuningConfig(task_type="CAUSAL_LM", exclude_modules=excluded))
     kept = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules() if isinstance(m, BaseTunerLayer)}
-    ours = _load(tiny_llama)
+    ours = load_fp32(tiny_llama)
     inject_adapters(ours, LnTuningConfig(method="ln_tuning", exclude_modules=excluded))
     assert set(adapter_layers(ours)) == kept and len(kept) == 3

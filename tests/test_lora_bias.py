@@ -12,13 +12,13 @@ import torch
 from peft import LoraConfig as PeftLora
 from peft import get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
 from conftest import cli_user_error, make_recipe
 from peftkit.errors import PeftkitError
 from peftkit.adapter_base import load_adapted_model
 from peftkit.recipe import load_recipe
 from peftkit.tiny import build_tiny_model
+from tests.conftest import load_fp32
 
 IDS = torch.tensor([[1, 40, 41, 42, 7, 60, 61, 62]])
 
@@ -30,13 +30,9 @@ def qwen2(tmp_path_factory) -> Path:
     return path
 
 
-def _load(path: Path) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
 def _peft_adapter(base: Path, out: Path, targets: list[str]) -> tuple[torch.nn.Module, Path]:
     torch.manual_seed(0)
-    model = get_peft_model(_load(base), PeftLora(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=targets,
+    model = get_peft_model(load_fp32(base), PeftLora(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=targets,
                                                  init_lora_weights=False, lora_bias=True))
     model.eval().save_pretrained(out)
     return model, out
@@ -81,8 +77,8 @@ def test_a_run_trains_the_bias_and_merges_it(qwen2, number_data, tmp_path):
     assert len(biases) == 4 and all(b.abs().max() > 1e-4 for b in biases)
     with torch.no_grad():
         ours = load_adapted_model(str(qwen2), str(run / "adapter"))[0](IDS).logits
-        peft = PeftModel.from_pretrained(_load(qwen2), run / "adapter").eval()(IDS).logits
-        merged = _load(run / "merged")(IDS).logits
+        peft = PeftModel.from_pretrained(load_fp32(qwen2), run / "adapter").eval()(IDS).logits
+        merged = load_fp32(run / "merged")(IDS).logits
     assert (ours - peft).abs().max() <= 1e-5 and (merged - ours).abs().max() <= 1e-5
 
 
@@ -101,7 +97,7 @@ def test_an_embedding_target_is_refused(tiny_llama):
     from peftkit.methods.lora import LoraConfig
 
     with pytest.raises(PeftkitError, match="adapter.lora_bias: 'model.embed_tokens' is an Embedding, which has no bias"):
-        inject_adapters(_load(tiny_llama), LoraConfig(r=2, lora_bias=True, target_modules=["embed_tokens", "q_proj"]))
+        inject_adapters(load_fp32(tiny_llama), LoraConfig(r=2, lora_bias=True, target_modules=["embed_tokens", "q_proj"]))
 
 
 def test_combining_refuses_it_and_a_mixed_batch_gives_its_rows_the_adapter_alone(qwen2, tmp_path):
@@ -114,7 +110,7 @@ def test_combining_refuses_it_and_a_mixed_batch_gives_its_rows_the_adapter_alone
     with pytest.raises(PeftkitError, match=r"has a bias in lora_B \(lora_bias\), which combining does not carry"):
         read_sources([str(biased), str(biased)], False)
     torch.manual_seed(1)
-    plain = get_peft_model(_load(qwen2), PeftLora(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"],
+    plain = get_peft_model(load_fp32(qwen2), PeftLora(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"],
                                                   init_lora_weights=False))
     plain.save_pretrained(tmp_path / "plain")
     model, named, _ = load_named_model([("b", str(biased)), ("p", str(tmp_path / "plain"))], str(qwen2))

@@ -11,7 +11,6 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from rich.console import Console
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from peftkit.adapter_base import load_adapted_model
@@ -23,13 +22,9 @@ from peftkit.methods.lora import Lora, LoraConfig
 from peftkit.modeling import load_model
 from peftkit.recipe import ModelConfig, QuantizationConfig, load_recipe
 from peftkit.train import train
-from tests.conftest import cli_user_error, make_recipe
+from tests.conftest import cli_user_error, load_fp32, make_recipe
 
 IDS = torch.tensor([[1, 40, 41, 42, 7, 60, 61, 62], [1, 55, 12, 80, 81, 3, 47, 2]])
-
-
-def _load(path):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def _logits(model):
@@ -75,12 +70,12 @@ def test_same_init_as_peft(init, tiny_llama):
     """peft's init_lora_weights on the same weights: the same s B A and residual base weights, and the outputs
     of the original model at step 0."""
     ours_cfg = LoraConfig(r=4, alpha=8, init=init)
-    original = _logits(_load(tiny_llama))
-    ours = _load(tiny_llama)
+    original = _logits(load_fp32(tiny_llama))
+    ours = load_fp32(tiny_llama)
     torch.manual_seed(0)
     inject_adapters(ours, ours_cfg)
     torch.manual_seed(0)
-    theirs = get_peft_model(_load(tiny_llama), PeftLoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+    theirs = get_peft_model(load_fp32(tiny_llama), PeftLoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                                init_lora_weights=init))
     for name, layer in adapter_layers(ours).items():
         peft_layer = theirs.base_model.model.get_submodule(name)
@@ -102,14 +97,14 @@ def test_trained_export_applies_to_the_original_base(init, rslora, tiny_llama, n
     run = tmp_path / "run"
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (8, 8 * (2**0.5 if rslora else 2), True)
-    trained = _logits(_load(run / "merged"))
-    assert _diff(trained, _logits(_load(tiny_llama))) > 1e-2  # training moved it
-    peft_logits = _logits(PeftModel.from_pretrained(_load(tiny_llama), run / "adapter").eval())
+    trained = _logits(load_fp32(run / "merged"))
+    assert _diff(trained, _logits(load_fp32(tiny_llama))) > 1e-2  # training moved it
+    peft_logits = _logits(PeftModel.from_pretrained(load_fp32(tiny_llama), run / "adapter").eval())
     assert _diff(peft_logits, trained) <= 1e-4
     ours = load_adapted_model(str(tiny_llama), str(run / "adapter"), torch.device("cpu"))[0].eval()  # eval --adapter
     assert _diff(_logits(ours), trained) <= 1e-4
     merged = merge_adapter(str(run / "adapter"), str(tmp_path / "merged"), base=str(tiny_llama))  # peftkit merge
-    assert _diff(_logits(_load(merged)), trained) <= 1e-4
+    assert _diff(_logits(load_fp32(merged)), trained) <= 1e-4
 
 
 @pytest.mark.parametrize("rslora", [False, True])
@@ -122,10 +117,10 @@ def test_conversion_matches_peft(rslora, tiny_llama, tmp_path):
 
     peft_cfg = PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights="pissa",
                               use_rslora=rslora)
-    theirs = get_peft_model(_load(tiny_llama), peft_cfg)
+    theirs = get_peft_model(load_fp32(tiny_llama), peft_cfg)
     theirs.peft_config["default"].init_lora_weights = True  # peft's recipe: save the initial adapter as plain LoRA
     theirs.save_pretrained(tmp_path / "init")
-    ours = _load(tiny_llama)
+    ours = load_fp32(tiny_llama)
     cfg = LoraConfig(r=4, alpha=8, target_modules=["q_proj", "down_proj"], init="pissa", use_rslora=rslora)
     inject_adapters(ours, cfg)
     gen = torch.Generator().manual_seed(1)
@@ -207,7 +202,7 @@ def test_pissa_on_layers_skip_modules_names_by_a_longer_suffix(tiny_llama, numbe
 
 def test_pissa_refuses_an_embedding(tiny_llama):
     with pytest.raises(PeftkitError, match=r"adapter.init: olora .* 'model.embed_tokens' is an Embedding"):
-        inject_adapters(_load(tiny_llama), LoraConfig(r=4, init="olora", target_modules=["embed_tokens"]))
+        inject_adapters(load_fp32(tiny_llama), LoraConfig(r=4, init="olora", target_modules=["embed_tokens"]))
 
 
 @pytest.mark.parametrize(("adapter", "message"), [
@@ -230,7 +225,7 @@ def _peft_saved(base, out, init, rslora=False, targets=("q_proj", "down_proj", "
     """peft's adapter with init `init`, moved away from it ("trained"), saved as peft saves it by default: for
     the residual base that init left (no path_initial_model_for_weight_conversion)."""
     torch.manual_seed(0)
-    model = get_peft_model(_load(base), PeftLoraConfig(r=2, lora_alpha=6, target_modules=list(targets),
+    model = get_peft_model(load_fp32(base), PeftLoraConfig(r=2, lora_alpha=6, target_modules=list(targets),
                                                        init_lora_weights=init, use_rslora=rslora,
                                                        use_dora=dora, **extra))
     gen = torch.Generator().manual_seed(1)
@@ -257,8 +252,8 @@ def test_peft_s_unconverted_pissa_and_olora_adapters_load_as_peft_loads_them(arc
     targets = (("attn.c_proj",) if init == "olora" else ("c_attn", "c_fc")) if arch == "gpt2" else \
         ("q_proj", "down_proj") if dora else ("q_proj", "down_proj", "embed_tokens")
     adapter = _peft_saved(base, tmp_path / "adapter", init, rslora, targets, dora)
-    theirs = _logits(PeftModel.from_pretrained(_load(base), adapter).eval())
-    assert _diff(theirs, _logits(_load(base))) > 0.3  # the adapter matters
+    theirs = _logits(PeftModel.from_pretrained(load_fp32(base), adapter).eval())
+    assert _diff(theirs, _logits(load_fp32(base))) > 0.3  # the adapter matters
     ours, cfg = load_adapted_model(str(base), str(adapter), torch.device("cpu"))[:2]
     assert _diff(_logits(ours.eval()), theirs) <= 1e-5
     assert (cfg.r, cfg.alpha) == (4, 6 * (2**0.5 if rslora else 2))
@@ -267,7 +262,7 @@ def test_peft_s_unconverted_pissa_and_olora_adapters_load_as_peft_loads_them(arc
         if ".base_layer." in key or "lora_" not in key and key in original:
             assert torch.equal(tensor, original[key.replace(".base_layer.", ".")]), key
     merged = merge_adapter(str(adapter), str(tmp_path / "merged"), base=str(base))
-    assert _diff(_logits(_load(merged)), theirs) <= 1e-5
+    assert _diff(_logits(load_fp32(merged)), theirs) <= 1e-5
 
 
 def test_an_unconverted_pissa_adapter_with_per_module_ranks_converts_each_at_its_own(tiny_llama, tmp_path):
@@ -275,7 +270,7 @@ def test_an_unconverted_pissa_adapter_with_per_module_ranks_converts_each_at_its
     alpha are."""
     adapter = _peft_saved(tiny_llama, tmp_path / "a", "pissa", targets=("q_proj", "down_proj"),
                           rank_pattern={"down_proj": 3}, alpha_pattern={r"layers\.1\..*q_proj": 5})
-    theirs = _logits(PeftModel.from_pretrained(_load(tiny_llama), adapter).eval())
+    theirs = _logits(PeftModel.from_pretrained(load_fp32(tiny_llama), adapter).eval())
     ours, cfg = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[:2]
     assert _diff(_logits(ours.eval()), theirs) <= 1e-5
     assert (cfg.rank_pattern, cfg.alpha_pattern) == ({"down_proj": 6}, {r"layers\.1\..*q_proj": 10})
@@ -290,11 +285,11 @@ def test_an_unconverted_adapter_on_a_layer_narrower_than_r_loads_as_peft_s(init,
     adapter = _peft_saved(tiny_llama, tmp_path / "a", init, targets=("q_proj", "k_proj"), rank_pattern={"k_proj": 20})
     assert load_file(adapter / "adapter_model.safetensors")[
         "base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"].shape == (16, 32)
-    theirs = _logits(PeftModel.from_pretrained(_load(tiny_llama), adapter).eval())
+    theirs = _logits(PeftModel.from_pretrained(load_fp32(tiny_llama), adapter).eval())
     ours, cfg = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[:2]
     assert _diff(_logits(ours.eval()), theirs) <= 1e-5 and cfg.rank_pattern == {"k_proj": 40}
     merged = merge_adapter(str(adapter), str(tmp_path / "merged"), base=str(tiny_llama))
-    assert _diff(_logits(_load(merged)), theirs) <= 1e-5
+    assert _diff(_logits(load_fp32(merged)), theirs) <= 1e-5
 
 
 def test_an_unconverted_pissa_adapter_shares_its_base_with_other_named_adapters(tiny_llama, tmp_path):
@@ -307,9 +302,9 @@ def test_an_unconverted_pissa_adapter_shares_its_base_with_other_named_adapters(
     model, named, _ = load_named_model([("plain", str(plain)), ("pissa", str(pissa))])
     for name, adapter in (("pissa", pissa), ("plain", plain)):
         named.activate(name)
-        assert _diff(_logits(model), _logits(PeftModel.from_pretrained(_load(tiny_llama), adapter).eval())) <= 1e-5
+        assert _diff(_logits(model), _logits(PeftModel.from_pretrained(load_fp32(tiny_llama), adapter).eval())) <= 1e-5
     named.activate(None)
-    assert torch.equal(_logits(model), _logits(_load(tiny_llama)))
+    assert torch.equal(_logits(model), _logits(load_fp32(tiny_llama)))
 
 
 def test_unconverted_adapters_are_refused_where_they_cannot_be_converted(tiny_llama, number_data, tmp_path,
@@ -352,7 +347,7 @@ def test_unconverted_adapters_are_refused_where_they_cannot_be_converted(tiny_ll
         load_adapted_model(str(tmp_path / "qwen2"), str(tied), torch.device("cpu"))
     with pytest.raises(PeftkitError, match="adapter.init: olora rewrites the base weight of 'lm_head' as W - s B A, "
                                            "and it is shared with 'model.embed_tokens.weight'"):  # training it: too
-        inject_adapters(_load(tmp_path / "qwen2"), LoraConfig(r=2, init="olora", target_modules=["q_proj", "lm_head"]))
+        inject_adapters(load_fp32(tmp_path / "qwen2"), LoraConfig(r=2, init="olora", target_modules=["q_proj", "lm_head"]))
     fast = _peft_saved(tiny_llama, tmp_path / "fast", "pissa_niter_4", targets=("q_proj",))
     with pytest.raises(PeftkitError, match=r"init_lora_weights is 'pissa_niter_4'.*its fast SVD draws random numbers"):
         load_adapter(fast)

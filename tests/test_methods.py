@@ -40,7 +40,6 @@ import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from peftkit.adapters import adapter_layers, inject_adapters, share_tensors, shared_holders
@@ -103,7 +102,7 @@ from peftkit.modeling import load_model
 from peftkit.peft_format import peft_config, save_adapter
 from peftkit.recipe import ModelConfig, QuantizationConfig
 from peftkit.tiny import build_tiny_model
-from tests.conftest import random_adapters, trimming_changes_nothing
+from tests.conftest import load_fp32, random_adapters, trimming_changes_nothing
 
 IDS = torch.tensor([[1, 40, 41, 42, 7, 60, 61, 62], [1, 55, 12, 80, 81, 3, 47, 2]])
 TOL = 1e-4  # max abs logit difference, fp32
@@ -1084,10 +1083,6 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-def _load(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-
-
 def _logits(model: nn.Module) -> torch.Tensor:
     with torch.no_grad():
         return model(IDS, **_peft_tasks(model)).logits.float()
@@ -1103,7 +1098,7 @@ def _peft_tasks(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _adapted(path: Path, cfg, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, list[str]]:
     """An injected model with its adapters moved far from identity, as after training."""
-    model = _load(path, dtype)
+    model = load_fp32(path, dtype)
     torch.manual_seed(0)
     targets = inject_adapters(model, cfg)
     random_adapters(model, seed=1, std=0.1)
@@ -1183,7 +1178,7 @@ def test_dense_math(case):
 def test_identity_at_init(case, arch, models):
     if not case.identity_at_init:
         pytest.skip(f"{case.id} does not start from the base model")
-    model = _load(models[arch])
+    model = load_fp32(models[arch])
     base = _logits(model)
     torch.manual_seed(0)
     inject_adapters(model, case.cfg)
@@ -1195,7 +1190,7 @@ def test_merged_equals_unmerged(case, arch, models):
     _skip_unless_mergeable(case)
     model, _ = _adapted(models[arch], case.cfg)
     adapted = _logits(model)
-    assert _diff(adapted, _logits(_load(models[arch]))) > 1e-3  # the adapter really changes the output
+    assert _diff(adapted, _logits(load_fp32(models[arch]))) > 1e-3  # the adapter really changes the output
     if refusal := method_of(case.cfg).merge_refusal():  # the prompt family: nothing to merge, and it says so
         with pytest.raises(PeftkitError, match="cannot be merged"):
             merged_model(model, case.cfg, torch.float32)
@@ -1230,7 +1225,7 @@ def test_a_merge_of_a_tied_model_unties_what_the_adapter_set_apart(models, tmp_p
     model, _ = _adapted(models["qwen2"], cfg)
     adapted = _logits(model)
     merged_model(model, cfg, torch.float32).save_pretrained(tmp_path / "merged")
-    reloaded = _load(tmp_path / "merged")
+    reloaded = load_fp32(tmp_path / "merged")
     assert not reloaded.config.tie_word_embeddings
     assert _diff(_logits(reloaded), adapted) <= TOL
     reloaded.tie_weights()
@@ -1238,7 +1233,7 @@ def test_a_merge_of_a_tied_model_unties_what_the_adapter_set_apart(models, tmp_p
     # A merge that leaves both alike keeps them tied, one matrix on disk.
     plain = LoraConfig(r=2, alpha=4, target_modules=["o_proj"])
     merged_model(_adapted(models["qwen2"], plain)[0], plain, torch.float32).save_pretrained(tmp_path / "alike")
-    assert _load(tmp_path / "alike").config.tie_word_embeddings
+    assert load_fp32(tmp_path / "alike").config.tie_word_embeddings
     # Gemma's: loaders that take them to be tied (vLLM, llama.cpp's converter) are named.
     gemma, _ = _adapted(models["gemma2"], cfg)
     with pytest.warns(MergeWarning, match="vLLM refuses it; llama.cpp's GGUF converter drops its lm_head"):
@@ -1254,14 +1249,14 @@ def test_peft_s_lora_on_a_tied_head_loads_with_its_base_copy(models, tmp_path):
     from peftkit.adapter_base import load_adapted_model
 
     torch.manual_seed(0)
-    peft_model = get_peft_model(_load(models["qwen2"]), PeftLoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
+    peft_model = get_peft_model(load_fp32(models["qwen2"]), PeftLoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
                                                                         target_modules=["q_proj", "lm_head"]))
     peft_model.save_pretrained(tmp_path / "a")
     from safetensors.torch import load_file
 
     assert "base_model.model.lm_head.base_layer.weight" in load_file(tmp_path / "a" / "adapter_model.safetensors")
-    expected = _logits(PeftModel.from_pretrained(_load(models["qwen2"]), tmp_path / "a").eval())
-    assert _diff(expected, _logits(_load(models["qwen2"]))) > 1e-3
+    expected = _logits(PeftModel.from_pretrained(load_fp32(models["qwen2"]), tmp_path / "a").eval())
+    assert _diff(expected, _logits(load_fp32(models["qwen2"]))) > 1e-3
     assert _diff(_logits(load_adapted_model(None, str(tmp_path / "a"))[0].eval()), expected) <= TOL
 
 
@@ -1280,18 +1275,18 @@ def test_a_tied_head_in_modules_to_save_trains_a_copy_as_peft_s(models, tmp_path
     assert model.lm_head.weight.requires_grad and not model.model.embed_tokens.weight.requires_grad
     with torch.no_grad():
         model.lm_head.weight.add_(0.1)  # as training moves it
-    assert torch.equal(model.model.embed_tokens.weight, _load(base).model.embed_tokens.weight)
+    assert torch.equal(model.model.embed_tokens.weight, load_fp32(base).model.embed_tokens.weight)
     save_adapter(tmp_path / "ours", adapter_state_dict(model, cfg.modules_to_save),
                  peft_config(cfg, targets, str(base), False, "qwen2"))
     ours = _logits(model)
-    assert _diff(ours, _logits(_load(base))) > 1e-2
-    assert _diff(_logits(PeftModel.from_pretrained(_load(base), tmp_path / "ours").eval()), ours) <= TOL
+    assert _diff(ours, _logits(load_fp32(base))) > 1e-2
+    assert _diff(_logits(PeftModel.from_pretrained(load_fp32(base), tmp_path / "ours").eval()), ours) <= TOL
     merge_adapter(str(tmp_path / "ours"), str(tmp_path / "merged"))
-    merged = _load(tmp_path / "merged")
+    merged = load_fp32(tmp_path / "merged")
     assert not merged.config.tie_word_embeddings and _diff(_logits(merged), ours) <= TOL
 
     torch.manual_seed(0)
-    theirs = get_peft_model(_load(base), PeftLoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
+    theirs = get_peft_model(load_fp32(base), PeftLoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
                                                         target_modules=["q_proj"], modules_to_save=["lm_head"]))
     with torch.no_grad():
         for name, param in theirs.named_parameters():
@@ -1299,10 +1294,10 @@ def test_a_tied_head_in_modules_to_save_trains_a_copy_as_peft_s(models, tmp_path
                 param.add_(0.1)
     theirs.save_pretrained(tmp_path / "theirs")
     assert any(k.endswith("lm_head.weight") for k in load_file(tmp_path / "theirs" / "adapter_model.safetensors"))
-    expected = _logits(PeftModel.from_pretrained(_load(base), tmp_path / "theirs").eval())
+    expected = _logits(PeftModel.from_pretrained(load_fp32(base), tmp_path / "theirs").eval())
     loaded = load_adapted_model(None, str(tmp_path / "theirs"))[0].eval()
     assert _diff(_logits(loaded), expected) <= TOL
-    assert torch.equal(loaded.model.embed_tokens.weight, _load(base).model.embed_tokens.weight)
+    assert torch.equal(loaded.model.embed_tokens.weight, load_fp32(base).model.embed_tokens.weight)
 
     # FSDP2's fsdp_cpu_ram_efficient_loading calls tie_weights() in accelerate's prepare: the copy would train
     # nothing, so training stops there.
@@ -1340,7 +1335,7 @@ def test_peft_loads_our_adapter(case, arch, models, tmp_path):
     _skip_without_peft(case)
     model, targets = _adapted(models[arch], case.cfg)
     saved = _save(model, case.cfg, targets, models[arch], tmp_path / "adapter")
-    reference = PeftModel.from_pretrained(_load(models[arch]), saved).eval()
+    reference = PeftModel.from_pretrained(load_fp32(models[arch]), saved).eval()
     theirs = _logits(reference)
     if virtual_tokens(model) is not None:  # peft's logits include the virtual tokens' own: the last ones are ours
         theirs = theirs[:, -IDS.shape[1]:]
@@ -1354,12 +1349,12 @@ def test_we_read_peft_adapter(case, arch, models, tmp_path):
     """An adapter peft made, with non-trivial weights: peftkit evaluates it and merges it with peft's numbers."""
     _skip_without_peft(case)
     method = method_of(case.cfg)
-    probe = _load(models[arch])
+    probe = load_fp32(models[arch])
     targets = inject_adapters(probe, case.cfg)
     config = method.to_peft(case.cfg, targets, str(models[arch]), fan_in_fan_out=bool(conv1d_modules(probe)))
     config = {k: v for k, v in config.items() if k != "peft_type"} | PEFT_NONTRIVIAL[method.peft_type]
     torch.manual_seed(3)
-    reference = get_peft_model(_load(models[arch]), PeftConfig.from_peft_type(peft_type=method.peft_type, **config))
+    reference = get_peft_model(load_fp32(models[arch]), PeftConfig.from_peft_type(peft_type=method.peft_type, **config))
     with torch.no_grad():  # peft starts DoRA's magnitude at ||W + s B A||_c (a gain of 1): move it off that
         for name, p in reference.named_parameters():
             if "lora_magnitude_vector" in name:
@@ -1372,7 +1367,7 @@ def test_we_read_peft_adapter(case, arch, models, tmp_path):
                 p.add_(0.1 * torch.randn(p.shape))
     reference.save_pretrained(tmp_path / "peft")
     theirs = _logits(reference.eval())[:, -IDS.shape[1]:]  # the prompt family's: after the virtual tokens'
-    assert _diff(theirs, _logits(_load(models[arch]))) > 1e-3  # peft's weights really change the output
+    assert _diff(theirs, _logits(load_fp32(models[arch]))) > 1e-3  # peft's weights really change the output
 
     ours, *_ = load_adapted_model(str(models[arch]), str(tmp_path / "peft"))
     assert _diff(_logits(ours), theirs) <= TOL
@@ -1382,7 +1377,7 @@ def test_we_read_peft_adapter(case, arch, models, tmp_path):
         assert not (tmp_path / "merged").exists()
         return
     merged = merge_adapter(str(tmp_path / "peft"), str(tmp_path / "merged"), base=str(models[arch]))
-    assert _diff(_logits(_load(merged)), theirs) <= TOL
+    assert _diff(_logits(load_fp32(merged)), theirs) <= TOL
 
 
 # -------------------------------------------------------------------------------------- 6. bf16 base
@@ -1432,7 +1427,7 @@ def test_bf16_base_gives_peft_s_bf16_logits(case, models, tmp_path):
     bf16 before the sum (its in-place add into a bf16 zeros_like), and so does peftkit's."""
     model, targets = _adapted(models["llama"], case.cfg, torch.bfloat16)
     saved = _save(model, case.cfg, targets, models["llama"], tmp_path / "adapter")
-    reference = PeftModel.from_pretrained(_load(models["llama"], torch.bfloat16), saved).eval()
+    reference = PeftModel.from_pretrained(load_fp32(models["llama"], torch.bfloat16), saved).eval()
     with torch.no_grad():
         ours, theirs = model(IDS).logits, reference(IDS, **_peft_tasks(reference)).logits
     assert ours.dtype == torch.bfloat16 and torch.equal(ours, theirs)
@@ -1536,11 +1531,11 @@ def test_trains_from_a_recipe_and_exports(name, models, number_data, tmp_path):
     assert summary["eval_loss"] < summary["base_eval_loss"]
     run = tmp_path / "run"
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["peft_type"] == METHODS[name].peft_type
-    ours = _load(run / "merged") if mergeable else load_adapted_model(None, str(run / "adapter"))[0]
+    ours = load_fp32(run / "merged") if mergeable else load_adapted_model(None, str(run / "adapter"))[0]
     if name in NO_PEFT:
-        assert _diff(_logits(ours), _logits(_load(models[arch]))) > 1e-4
+        assert _diff(_logits(ours), _logits(load_fp32(models[arch]))) > 1e-4
         return
-    reference = PeftModel.from_pretrained(_load(models[arch]), run / "adapter").eval()
+    reference = PeftModel.from_pretrained(load_fp32(models[arch]), run / "adapter").eval()
     assert _diff(_logits(ours), _logits(reference)[:, -IDS.shape[1]:]) <= TOL
 
 
@@ -1593,8 +1588,8 @@ def test_a_training_step_reads_nothing_on_the_host_beyond_the_base_model(case, m
     mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])  # the second row padded
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     device = "cuda" if torch.cuda.is_available() else "cpu"  # scripts/gpu_check.sh runs it on a GPU
-    base = _step_host_reads(_load(path).to(device), batch, peftkit_loss=False)
-    model = _load(path)
+    base = _step_host_reads(load_fp32(path).to(device), batch, peftkit_loss=False)
+    model = load_fp32(path)
     torch.manual_seed(0)
     inject_adapters(model, case.cfg)
     method = method_of(case.cfg)
@@ -1719,18 +1714,18 @@ def test_dora_on_an_embedding_loads_merges_and_exports_as_peft_s(arch, models, t
 
     torch.manual_seed(0)
     settings = {"use_dora": True, "target_modules": ["embed_tokens", "o_proj"]}
-    made = get_peft_model(_load(models[arch]), PeftLoraConfig(r=2, lora_alpha=4, init_lora_weights=False, **settings))
+    made = get_peft_model(load_fp32(models[arch]), PeftLoraConfig(r=2, lora_alpha=4, init_lora_weights=False, **settings))
     with torch.no_grad():
         for name, p in made.named_parameters():
             if "lora_magnitude_vector" in name:
                 p.mul_(1 + 0.3 * torch.randn(p.shape))
     made.save_pretrained(tmp_path / "peft")
-    theirs = _logits(PeftModel.from_pretrained(_load(models[arch]), tmp_path / "peft").eval())
+    theirs = _logits(PeftModel.from_pretrained(load_fp32(models[arch]), tmp_path / "peft").eval())
     model = load_adapted_model(str(models[arch]), str(tmp_path / "peft"), torch.device("cpu"))[0]
-    assert _diff(_logits(model), _logits(_load(models[arch]))) > 1e-2
+    assert _diff(_logits(model), _logits(load_fp32(models[arch]))) > 1e-2
     assert _diff(_logits(model), theirs) <= TOL
     merge_adapter(str(tmp_path / "peft"), str(tmp_path / "merged"), base=str(models[arch]))
-    assert _diff(_logits(_load(tmp_path / "merged")), theirs) <= TOL
+    assert _diff(_logits(load_fp32(tmp_path / "merged")), theirs) <= TOL
     if arch == "llama":  # (an in-place merge of a tied embedding would move the head too)
         for layer in adapter_layers(model).values():
             layer.merge()
@@ -1740,9 +1735,9 @@ def test_dora_on_an_embedding_loads_merges_and_exports_as_peft_s(arch, models, t
         assert _diff(_logits(model), theirs) <= TOL
 
     # Training: the same gradients (the norm detached, as peft's).
-    trained = PeftModel.from_pretrained(_load(models[arch]), tmp_path / "peft", is_trainable=True)
+    trained = PeftModel.from_pretrained(load_fp32(models[arch]), tmp_path / "peft", is_trainable=True)
     trained(IDS).logits.square().mean().backward()
-    model = _load(models[arch])
+    model = load_fp32(models[arch])
     inject_adapters(model, LoraConfig(r=2, alpha=4, **settings))
     load_adapter_state_dict(model, load_adapter(tmp_path / "peft")[1])
     model(IDS).logits.square().mean().backward()
@@ -1755,8 +1750,8 @@ def test_dora_on_an_embedding_loads_merges_and_exports_as_peft_s(arch, models, t
     cfg = LoraConfig(r=2, alpha=4, **settings)
     adapter = save_random_adapter(models[arch], cfg, tmp_path / "ours", seed=3)
     ours = _logits(load_adapted_model(str(models[arch]), str(adapter), torch.device("cpu"))[0])
-    assert _diff(ours, _logits(_load(models[arch]))) > 1e-2
-    assert _diff(ours, _logits(PeftModel.from_pretrained(_load(models[arch]), adapter).eval())) <= TOL
+    assert _diff(ours, _logits(load_fp32(models[arch]))) > 1e-2
+    assert _diff(ours, _logits(PeftModel.from_pretrained(load_fp32(models[arch]), adapter).eval())) <= TOL
 
 
 # -------------------------------------------------------------------------------- method-specific: IA3
@@ -1809,8 +1804,8 @@ def test_ia3_feedforward_entry_must_name_a_target(models):
                   {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_prj"]},
                   {"target_modules": ["k_proj", "down_proj"], "feedforward_modules": TargetRegex(regex=r".*\.up_proj")}):
         with pytest.raises(PeftkitError, match="feedforward_modules entry .* names none of the modules IA3 adapts"):
-            inject_adapters(_load(models["llama"]), IA3Config(method="ia3", **given))
-    model = _load(models["llama"])
+            inject_adapters(load_fp32(models["llama"]), IA3Config(method="ia3", **given))
+    model = load_fp32(models["llama"])
     inject_adapters(model, IA3Config(method="ia3", target_modules=["q_proj", "v_proj"]))  # default: down_proj
     assert not any(layer.is_feedforward for layer in adapter_layers(model).values())
 
@@ -1846,7 +1841,7 @@ def test_ia3_regex_modules_from_peft(models, tmp_path):
     config = PeftIA3(task_type="CAUSAL_LM", target_modules=r".*\.(k_proj|v_proj|down_proj|up_proj)",
                      feedforward_modules=r".*\.(down_proj|up_proj)", init_ia3_weights=False)
     torch.manual_seed(3)
-    reference = get_peft_model(_load(models["llama"]), config).eval()
+    reference = get_peft_model(load_fp32(models["llama"]), config).eval()
     reference.save_pretrained(tmp_path / "peft")
     ours, cfg, *_ = load_adapted_model(str(models["llama"]), str(tmp_path / "peft"))
     assert cfg.feedforward_modules.regex == r".*\.(down_proj|up_proj)"
@@ -1878,15 +1873,15 @@ def test_lycoris_refuses_conv1d(cfg, models):
 
     with pytest.raises(PeftkitError, match=r"adapter.target_modules: 'transformer.h.0.attn.c_attn' is a GPT-2 style "
                                            r"Conv1D layer; Lo(Ha|Kr) adapts nn.Linear layers only.*use adapter.method: lora"):
-        inject_adapters(_load(models["gpt2"]), cfg)
+        inject_adapters(load_fp32(models["gpt2"]), cfg)
 
 
 def test_lokr_layouts_follow_peft(models):
     """Which of w1 / w2 peftkit factors into rank r, per layer, is peft's choice (names and shapes equal)."""
     cfg = CASES["lokr"][1].cfg
-    ours = _load(models["llama"])
+    ours = load_fp32(models["llama"])
     config = method_of(cfg).to_peft(cfg, inject_adapters(ours, cfg), str(models["llama"]), False)
-    theirs = get_peft_model(_load(models["llama"]), PeftConfig.from_peft_type(**config))
+    theirs = get_peft_model(load_fp32(models["llama"]), PeftConfig.from_peft_type(**config))
     shapes = {k: tuple(v.shape) for k, v in adapter_state_dict(ours, []).items()}
     from peft import get_peft_model_state_dict
 
@@ -1972,10 +1967,10 @@ def test_vera_shares_peft_projections_and_trains_only_vectors(models):
     from peftkit.adapters import count_parameters, shared_holders
 
     cfg = VeraConfig(method="vera", r=4, projection_prng_key=5)
-    model = _load(models["llama"])
+    model = load_fp32(models["llama"])
     inject_adapters(model, cfg)
     (holder,) = shared_holders(model)
-    reference = get_peft_model(_load(models["llama"]), PeftVera(r=4, target_modules="all-linear", projection_prng_key=5))
+    reference = get_peft_model(load_fp32(models["llama"]), PeftVera(r=4, target_modules="all-linear", projection_prng_key=5))
     assert holder.vera_A.shape == (4, 64) and holder.vera_B.shape == (64, 4)
     assert torch.equal(holder.vera_A, reference.base_model.vera_A["default"])
     assert torch.equal(holder.vera_B, reference.base_model.vera_B["default"])
@@ -1989,7 +1984,7 @@ def test_vera_merge_draws_unsaved_projections_again(models):
     model, _ = _adapted(models["llama"], cfg)
     state = adapter_state_dict(model, [])
     assert not any(k.startswith("base_model.vera_") for k in state)
-    base = {k: v for k, v in _load(models["llama"]).state_dict().items()}
+    base = {k: v for k, v in load_fp32(models["llama"]).state_dict().items()}
     shared = {f"base_model.{n}": t for n, t in next(iter(adapter_layers(model).values())).shared.named_buffers()}
     with_pair, without = merge_state_dict(base, state | shared, cfg), merge_state_dict(base, state, cfg)
     assert all(torch.equal(with_pair[k], without[k]) for k in base)
@@ -2002,7 +1997,7 @@ def test_vera_refuses_an_embedding(models):
     cfg = VeraConfig(method="vera", target_modules=["embed_tokens", "o_proj"])
     with pytest.raises(PeftkitError, match=r"adapter.target_modules: 'model.embed_tokens' is an embedding; VeRA \(as "
                                            r"peft's\) adapts Linear and Conv1D layers only. Leave embeddings out"):
-        inject_adapters(_load(models["llama"]), cfg)
+        inject_adapters(load_fp32(models["llama"]), cfg)
 
 
 @pytest.mark.parametrize("save_projection", [True, False])
@@ -2018,7 +2013,7 @@ def test_vera_reload_restores_the_projections(save_projection, models):
     state = adapter_state_dict(model, [])
     if save_projection:  # as if the file's pair were not what this machine draws from the key
         state["base_model.vera_A"] = state["base_model.vera_A"] + 0.5
-    again = _load(models["llama"])
+    again = load_fp32(models["llama"])
     torch.manual_seed(123)
     inject_adapters(again, cfg)
     load_adapter_state_dict(again, state)
@@ -2036,7 +2031,7 @@ def test_oft_refuses_sizes_that_do_not_split_the_input(models, tmp_path):
     # 5 does not divide q_proj's 32 inputs; peft would silently use 4 for that layer.
     with pytest.raises(PeftkitError, match=r"adapter.oft_block_size: 5 does not divide the 32 input features of "
                                            r"'model.layers.0.self_attn.q_proj'.*Set oft_block_size: 4"):
-        inject_adapters(_load(models["llama"]), OftConfig(method="oft", oft_block_size=5))
+        inject_adapters(load_fp32(models["llama"]), OftConfig(method="oft", oft_block_size=5))
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: {name_or_path: m}\ndata: {train: t.jsonl}\nexport: {output_dir: o}\n"
                       "adapter: {method: oft, r: 4, oft_block_size: 8}\n")
@@ -2055,15 +2050,15 @@ def test_oft_loads_peft_s_adapters_whose_sizes_peft_adjusted_per_layer(sizes, mo
     from peft import OFTConfig
 
     torch.manual_seed(0)
-    theirs = get_peft_model(_load(models["llama"]), OFTConfig(**sizes, target_modules=["q_proj", "down_proj"],
+    theirs = get_peft_model(load_fp32(models["llama"]), OFTConfig(**sizes, target_modules=["q_proj", "down_proj"],
                                                               init_weights=False))
     theirs.save_pretrained(tmp_path / "a")
-    expected = _logits(PeftModel.from_pretrained(_load(models["llama"]), tmp_path / "a").eval())
-    assert _diff(expected, _logits(_load(models["llama"]))) > 1e-3
+    expected = _logits(PeftModel.from_pretrained(load_fp32(models["llama"]), tmp_path / "a").eval())
+    assert _diff(expected, _logits(load_fp32(models["llama"]))) > 1e-3
     loaded = load_adapted_model(None, str(tmp_path / "a"))[0].eval()
     assert _diff(_logits(loaded), expected) <= TOL
     merge_adapter(str(tmp_path / "a"), str(tmp_path / "merged"))
-    assert _diff(_logits(_load(tmp_path / "merged")), expected) <= TOL
+    assert _diff(_logits(load_fp32(tmp_path / "merged")), expected) <= TOL
 
 
 def test_a_run_from_peft_s_adjusted_oft_adapter_trains_and_verifies(models, number_data, tmp_path):
@@ -2077,7 +2072,7 @@ def test_a_run_from_peft_s_adjusted_oft_adapter_trains_and_verifies(models, numb
     from peftkit.verify import verify
     from tests.conftest import make_recipe
 
-    get_peft_model(_load(models["llama"]), OFTConfig(oft_block_size=12, target_modules=["q_proj"],
+    get_peft_model(load_fp32(models["llama"]), OFTConfig(oft_block_size=12, target_modules=["q_proj"],
                                                      init_weights=False)).save_pretrained(tmp_path / "a")
     recipe = make_recipe(tmp_path, models["llama"], number_data, adapter={"init_from": str(tmp_path / "a")},
                          training={"max_steps": 2})
@@ -2094,7 +2089,7 @@ def test_oft_refuses_gpt2_conv1d(models):
 
     with pytest.raises(PeftkitError, match=r"'transformer.h.0.attn.c_attn' is GPT-2's Conv1D; OFT rotates the input "
                                            r"of nn.Linear"):
-        inject_adapters(_load(models["gpt2"]), OftConfig(method="oft", oft_block_size=4))
+        inject_adapters(load_fp32(models["gpt2"]), OftConfig(method="oft", oft_block_size=4))
 
 
 def test_oft_inspect_says_what_it_is(models, tmp_path):

@@ -14,13 +14,13 @@ import pytest
 import torch
 from peft import LoraConfig as PeftLora
 from peft import get_peft_model
-from transformers import AutoModelForCausalLM
 
 from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.methods import method_for_peft_type
 from peftkit.adapter_base import load_adapted_model
 from peftkit.peft_fields import UNSUPPORTED_FEATURES, check_peft_fields
 from peftkit.peft_format import load_adapter
+from tests.conftest import load_fp32
 
 IDS = torch.tensor([[1, 40, 41, 42, 7, 60, 61, 62]])
 PEFT_CONFIGS = {  # peft's config classes peftkit reads, with what each needs beyond its defaults
@@ -60,10 +60,6 @@ PEFT_CONFIGS = {  # peft's config classes peftkit reads, with what each needs be
 }
 
 
-def _load(path: Path) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
 def _logits(model: torch.nn.Module) -> torch.Tensor:
     # peft's Poly needs task ids (peftkit's takes task 0 without them): task 0
     poly = isinstance(model, peft.PeftModel) and model.peft_config["default"].peft_type == "POLY"
@@ -76,7 +72,7 @@ def _peft_lora(base: Path, out: Path, **config) -> Path:
     """A peft LoRA far from identity (init_lora_weights=False: B is drawn too), saved by peft."""
     torch.manual_seed(0)
     config = {"target_modules": ["q_proj", "v_proj"], "init_lora_weights": False} | config
-    model = get_peft_model(_load(base), PeftLora(task_type="CAUSAL_LM", r=4, lora_alpha=8, **config))
+    model = get_peft_model(load_fp32(base), PeftLora(task_type="CAUSAL_LM", r=4, lora_alpha=8, **config))
     model.eval().save_pretrained(out)
     return out
 
@@ -145,11 +141,11 @@ def test_inits_that_keep_the_base_load_with_peft_numbers(init, tiny_llama, tmp_p
     LoRA of the original base, with peft's outputs."""
     adapter = _peft_lora(tiny_llama, tmp_path / "lora")  # weights far from identity; peft records its init string
     _edit(adapter, init_lora_weights=init)
-    reference = peft.PeftModel.from_pretrained(_load(tiny_llama), adapter).eval()
+    reference = peft.PeftModel.from_pretrained(load_fp32(tiny_llama), adapter).eval()
     ours = load_adapted_model(str(tiny_llama), str(adapter))[0]
     with torch.no_grad():
         diff = (ours(IDS).logits - reference(IDS).logits).abs().max()
-        assert (reference(IDS).logits - _load(tiny_llama)(IDS).logits).abs().max() > 0.1  # a change to check
+        assert (reference(IDS).logits - load_fp32(tiny_llama)(IDS).logits).abs().max() > 0.1  # a change to check
     assert float(diff) <= 1e-5
 
 
@@ -160,7 +156,7 @@ def test_ensure_weight_tying_on_tied_embeddings_is_refused_by_name(tmp_path):
 
     base = tmp_path / "qwen2"
     build_tiny_model(base, arch="qwen2", hidden_size=32, num_layers=1, seed=0)
-    assert _load(base).config.tie_word_embeddings
+    assert load_fp32(base).config.tie_word_embeddings
     adapter = _peft_lora(base, tmp_path / "lora", target_modules=["embed_tokens"], ensure_weight_tying=True)
     with pytest.raises(PeftkitError, match="'ensure_weight_tying' is true and the adapter covers embed_tokens of a "
                                            "model whose input and output embeddings are tied: peft then"):
@@ -170,12 +166,12 @@ def test_ensure_weight_tying_on_tied_embeddings_is_refused_by_name(tmp_path):
 def test_ensure_weight_tying_on_an_untied_model_loads_with_peft_numbers(tiny_llama, tmp_path):
     """On a model whose embeddings are not tied, peft only warns of the flag: the adapter loads, as it did before the
     flag was checked."""
-    assert not _load(tiny_llama).config.tie_word_embeddings
+    assert not load_fp32(tiny_llama).config.tie_word_embeddings
     adapter = _peft_lora(tiny_llama, tmp_path / "lora", target_modules=["embed_tokens", "q_proj"],
                          ensure_weight_tying=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft's own "no tied modules were found"
-        reference = peft.PeftModel.from_pretrained(_load(tiny_llama), adapter).eval()
+        reference = peft.PeftModel.from_pretrained(load_fp32(tiny_llama), adapter).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("error", PeftkitWarning)  # nor an "unknown field" warning
         ours = load_adapted_model(str(tiny_llama), str(adapter))[0]
@@ -188,12 +184,12 @@ def test_a_module_in_target_modules_and_modules_to_save_is_trained_in_full_as_in
     refused peft's adapter for its missing lora_A/lora_B."""
     adapter = _peft_lora(tiny_llama, tmp_path / "lora", target_modules=["q_proj", "lm_head"], modules_to_save=["lm_head"])
     with torch.no_grad():
-        model = peft.PeftModel.from_pretrained(_load(tiny_llama), adapter).eval()
+        model = peft.PeftModel.from_pretrained(load_fp32(tiny_llama), adapter).eval()
         model.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)  # a copy that differs from the base
         model.save_pretrained(adapter)
-        reference = peft.PeftModel.from_pretrained(_load(tiny_llama), adapter).eval()(IDS).logits
+        reference = peft.PeftModel.from_pretrained(load_fp32(tiny_llama), adapter).eval()(IDS).logits
         ours = load_adapted_model(str(tiny_llama), str(adapter))[0]
-        assert (reference - _load(tiny_llama)(IDS).logits).abs().max() > 0.05
+        assert (reference - load_fp32(tiny_llama)(IDS).logits).abs().max() > 0.05
         torch.testing.assert_close(ours(IDS).logits, reference, atol=1e-6, rtol=0)
 
 
@@ -204,7 +200,7 @@ def test_a_recipe_target_that_modules_to_save_trains_in_full_is_an_error(tiny_ll
     cfg = LoraConfig(target_modules=["q_proj", "lm_head"], modules_to_save=["lm_head"])
     with pytest.raises(PeftkitError, match="adapter.target_modules entry 'lm_head' names modules that "
                                            "adapter.modules_to_save trains in full"):
-        inject_adapters(_load(tiny_llama), cfg)
+        inject_adapters(load_fp32(tiny_llama), cfg)
 
 
 def test_a_saved_adapter_s_weights_keep_a_module_inside_modules_to_save_adapted(tiny_llama):
@@ -214,10 +210,10 @@ def test_a_saved_adapter_s_weights_keep_a_module_inside_modules_to_save_adapted(
     from peftkit.methods.lora import LoraConfig
 
     cfg = LoraConfig(r=2, target_modules=["q_proj", "lm_head"], modules_to_save=["lm_head"])
-    plain = inject_adapters(_load(tiny_llama), cfg, every_entry=False)
+    plain = inject_adapters(load_fp32(tiny_llama), cfg, every_entry=False)
     assert "lm_head" not in plain
     state = {"base_model.model.lm_head.lora_A.weight": torch.zeros(2, 32)}
-    model = _load(tiny_llama)
+    model = load_fp32(tiny_llama)
     kept = inject_adapters(model, cfg, every_entry=False, state=state)
     assert kept == [*plain, "lm_head"] and "lm_head" in adapter_layers(model)
 
@@ -242,7 +238,7 @@ def test_keys_with_peft_s_adapter_name_load_as_peft_loads_them(dora, tiny_llama,
         save_file({(k.removesuffix(".weight") + suffix if k.endswith(".weight") or k.endswith("vector") else k): t
                    for k, t in state.items()}, named / "adapter_model.safetensors")
         assert torch.equal(_logits(load_adapted_model(str(tiny_llama), str(named), torch.device("cpu"))[0]), reference)
-        theirs = peft.PeftModel.from_pretrained(_load(tiny_llama), named).eval()
+        theirs = peft.PeftModel.from_pretrained(load_fp32(tiny_llama), named).eval()
         assert float((_logits(theirs) - reference).abs().max()) <= 1e-5
         info = inspect_adapter(named)
         assert info["targets"]["count"] == 4 and not info["modules_to_save"]
@@ -267,14 +263,14 @@ def test_targets_the_weights_do_not_adapt_are_left_alone_with_a_warning(tiny_lla
     adapter = _peft_lora(tiny_llama, tmp_path / "qv")
     # (init_lora_weights true, as peft saves it after training: peft's own layers for k, o then start at zero)
     _edit(adapter, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=True)
-    theirs = _logits(peft.PeftModel.from_pretrained(_load(tiny_llama), adapter))
-    assert float((theirs - _logits(_load(tiny_llama))).abs().max()) > 0.1
+    theirs = _logits(peft.PeftModel.from_pretrained(load_fp32(tiny_llama), adapter))
+    assert float((theirs - _logits(load_fp32(tiny_llama))).abs().max()) > 0.1
     with pytest.warns(PeftkitWarning, match=r"target_modules match 4 modules its weights do not adapt \(e.g. "
                                             r"'model.layers.0.self_attn.k_proj'\): they are left as they are"):
         ours = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[0]
     assert float((_logits(ours) - theirs).abs().max()) <= 1e-5
     merged = merge_adapter(str(adapter), str(tmp_path / "merged"), base=str(tiny_llama))
-    assert float((_logits(_load(merged)) - theirs).abs().max()) <= 1e-5
+    assert float((_logits(load_fp32(merged)) - theirs).abs().max()) <= 1e-5
     recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 1})
     recipe.write_text(recipe.read_text().replace("adapter:\n  r: 4\n  alpha: 8\n  target_modules: all-linear\n",
                                                  f"adapter:\n  init_from: {adapter}\n"))
@@ -292,7 +288,7 @@ def test_null_target_modules_take_the_modules_the_weights_adapt(tiny_llama, tmp_
 
     adapter = _peft_lora(tiny_llama, tmp_path / "qv")
     _edit(adapter, target_modules=None)
-    theirs = _logits(peft.PeftModel.from_pretrained(_load(tiny_llama), adapter))
+    theirs = _logits(peft.PeftModel.from_pretrained(load_fp32(tiny_llama), adapter))
     cfg = load_adapter(adapter)[0]
     assert sorted(cfg.target_modules) == ["q_proj", "v_proj"]
     ours = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[0]
@@ -319,7 +315,7 @@ def test_modules_to_save_without_weights_in_the_file_load_with_a_warning(tiny_ll
 def _peft_lora_saving(base: Path, out: Path, saved: list[str]) -> Path:
     """`_peft_lora` with `saved` as modules_to_save, their copies moved away from the base's values."""
     adapter = _peft_lora(base, out, modules_to_save=saved)
-    model = peft.PeftModel.from_pretrained(_load(base), adapter).eval()
+    model = peft.PeftModel.from_pretrained(load_fp32(base), adapter).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if ".modules_to_save." in name:
@@ -334,7 +330,7 @@ def test_modules_to_save_that_peft_matched_by_string_suffix_load_as_peft_loads_t
     from peftkit.merge import merge_adapter
 
     adapter = _peft_lora_saving(tiny_llama, tmp_path / "a", ["layernorm"])
-    theirs = _logits(peft.PeftModel.from_pretrained(_load(tiny_llama), adapter))
+    theirs = _logits(peft.PeftModel.from_pretrained(load_fp32(tiny_llama), adapter))
     ours, cfg = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[:2]
     assert cfg.modules_to_save == [f"model.layers.{i}.{norm}" for i in (0, 1)
                                    for norm in ("input_layernorm", "post_attention_layernorm")]
@@ -342,7 +338,7 @@ def test_modules_to_save_that_peft_matched_by_string_suffix_load_as_peft_loads_t
     assert float((_logits(ours) - _logits(load_adapted_model(str(tiny_llama), str(_peft_lora(
         tiny_llama, tmp_path / "plain")), torch.device("cpu"))[0])).abs().max()) > 0.05  # (the saved copies count)
     merged = merge_adapter(str(adapter), str(tmp_path / "merged"), base=str(tiny_llama))
-    assert float((_logits(_load(merged)) - theirs).abs().max()) <= 1e-5
+    assert float((_logits(load_fp32(merged)) - theirs).abs().max()) <= 1e-5
 
 
 # ------------------------------------------------------------------------- rank_pattern and alpha_pattern
@@ -361,7 +357,7 @@ def test_peft_s_rank_and_alpha_patterns_load_with_peft_s_numbers(extra, tiny_lla
     from peftkit.merge import merge_adapter
 
     adapter = _peft_lora(tiny_llama, tmp_path / "a", target_modules=["q_proj", "v_proj", "o_proj"], **PATTERNS, **extra)
-    theirs = peft.PeftModel.from_pretrained(_load(tiny_llama), adapter).eval()
+    theirs = peft.PeftModel.from_pretrained(load_fp32(tiny_llama), adapter).eval()
     ours, cfg = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[:2]
     assert (cfg.rank_pattern, cfg.alpha_pattern) == (PATTERNS["rank_pattern"], PATTERNS["alpha_pattern"])
     layers = adapter_layers(ours)
@@ -371,7 +367,7 @@ def test_peft_s_rank_and_alpha_patterns_load_with_peft_s_numbers(extra, tiny_lla
     assert {layer.r for layer in layers.values()} == {2, 4, 6}
     assert float((_logits(ours) - _logits(theirs)).abs().max()) <= 1e-5
     merged = merge_adapter(str(adapter), str(tmp_path / "merged"), base=str(tiny_llama))
-    assert float((_logits(_load(merged)) - _logits(theirs)).abs().max()) <= 1e-5
+    assert float((_logits(load_fp32(merged)) - _logits(theirs)).abs().max()) <= 1e-5
 
 
 def test_a_recipe_s_rank_and_alpha_patterns_train_and_load_in_peft(tiny_llama, number_data, tmp_path):
@@ -395,7 +391,7 @@ def test_a_recipe_s_rank_and_alpha_patterns_train_and_load_in_peft(tiny_llama, n
     assert (shapes["0.self_attn.v_proj"][0], shapes["1.self_attn.v_proj"][0], shapes["0.self_attn.o_proj"][0],
             shapes["0.self_attn.q_proj"][0]) == (2, 4, 6, 4)
     ours = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[0]
-    theirs = peft.PeftModel.from_pretrained(_load(tiny_llama), adapter).eval()
+    theirs = peft.PeftModel.from_pretrained(load_fp32(tiny_llama), adapter).eval()
     assert float((_logits(ours) - _logits(theirs)).abs().max()) <= 1e-5
     from peftkit.combine_adapters import combine_adapters
     from peftkit.combine_inputs import Combination
@@ -442,7 +438,7 @@ def test_a_recipe_s_pattern_key_that_matches_no_target_is_refused(adapter, said,
     for command in ("validate", "train"):
         assert said in " ".join(cli_user_error(monkeypatch, capsys, command, str(recipe)).split())
     saved = LoraConfig(r=4, alpha=8, target_modules=["q_proj"], rank_pattern={"q_prj": 2})
-    model = _load(tiny_llama)
+    model = load_fp32(tiny_llama)
     inject_adapters(model, saved, every_entry=False)
     assert {layer.r for layer in adapter_layers(model).values()} == {4}
 
@@ -460,7 +456,7 @@ def test_layers_to_transform_adapts_the_layers_peft_adapts(layers, tiny_llama, n
     from tests.conftest import make_recipe
 
     peft_made = _peft_lora(tiny_llama, tmp_path / "peft", **layers)
-    theirs = peft.PeftModel.from_pretrained(_load(tiny_llama), peft_made).eval()
+    theirs = peft.PeftModel.from_pretrained(load_fp32(tiny_llama), peft_made).eval()
     ours = load_adapted_model(str(tiny_llama), str(peft_made), torch.device("cpu"))[0]
     assert float((_logits(ours) - _logits(theirs)).abs().max()) <= 1e-5
     picked = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules() if hasattr(m, "lora_A")}
@@ -471,11 +467,11 @@ def test_layers_to_transform_adapts_the_layers_peft_adapts(layers, tiny_llama, n
     adapter = tmp_path / "run" / "adapter"
     ours = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[0]
     assert set(adapter_layers(ours)) == picked
-    theirs = peft.PeftModel.from_pretrained(_load(tiny_llama), adapter).eval()
+    theirs = peft.PeftModel.from_pretrained(load_fp32(tiny_llama), adapter).eval()
     assert float((_logits(ours) - _logits(theirs)).abs().max()) <= 1e-5
     with pytest.raises(PeftkitError, match=r"layers_to_transform \[5\] leaves none of the 4 target modules: their "
                                            r"layers are numbered 0 to 1"):
-        inject_adapters(_load(tiny_llama), LoraConfig(target_modules=["q_proj", "v_proj"], layers_to_transform=[5]))
+        inject_adapters(load_fp32(tiny_llama), LoraConfig(target_modules=["q_proj", "v_proj"], layers_to_transform=[5]))
     bad = make_recipe(tmp_path / "bad", tiny_llama, number_data, adapter=layers)  # all-linear
     with pytest.raises(PeftkitError, match=r"adapter.layers_to_transform picks among the modules of a list of "
                                            r"target_modules; with target_modules 'all-linear'"):
@@ -528,7 +524,7 @@ def test_layers_to_transform_picks_peft_s_layers_for_every_method(method, tiny_l
     kind, theirs_settings, ours_settings = LAYER_METHODS[method]
     layers = {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": 1, "layers_pattern": "layers"}
     torch.manual_seed(0)
-    made = get_peft_model(_load(tiny_llama), getattr(peft, kind)(task_type="CAUSAL_LM", **layers, **theirs_settings))
+    made = get_peft_model(load_fp32(tiny_llama), getattr(peft, kind)(task_type="CAUSAL_LM", **layers, **theirs_settings))
     with torch.no_grad():
         for p in made.parameters():
             if p.requires_grad:
@@ -537,17 +533,17 @@ def test_layers_to_transform_picks_peft_s_layers_for_every_method(method, tiny_l
               if isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer)}
     assert picked == {"model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"}
     made.eval().save_pretrained(tmp_path / "peft")
-    theirs = peft.PeftModel.from_pretrained(_load(tiny_llama), tmp_path / "peft").eval()
+    theirs = peft.PeftModel.from_pretrained(load_fp32(tiny_llama), tmp_path / "peft").eval()
     ours = load_adapted_model(str(tiny_llama), str(tmp_path / "peft"), torch.device("cpu"))[0]
     assert set(adapter_layers(ours)) == picked
-    assert float((_logits(ours) - _logits(tiny_base := _load(tiny_llama))).abs().max()) > 1e-3
+    assert float((_logits(ours) - _logits(tiny_base := load_fp32(tiny_llama))).abs().max()) > 1e-3
     assert float((_logits(ours) - _logits(theirs)).abs().max()) <= 1e-5
 
     cfg = TypeAdapter(AdapterConfig).validate_python({"method": method, **layers, **ours_settings})
     adapter = save_random_adapter(tiny_llama, cfg, tmp_path / "ours", seed=3)
     ours = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[0]
     assert set(adapter_layers(ours)) == picked and method_of(cfg).name == method
-    theirs = peft.PeftModel.from_pretrained(_load(tiny_llama), adapter).eval()
+    theirs = peft.PeftModel.from_pretrained(load_fp32(tiny_llama), adapter).eval()
     assert float((_logits(ours) - _logits(tiny_base)).abs().max()) > 1e-3
     assert float((_logits(ours) - _logits(theirs)).abs().max()) <= 1e-5
 
@@ -568,7 +564,7 @@ def test_layers_to_transform_beside_all_linear_or_a_regex_is_what_peft_does(targ
     from tests.conftest import make_recipe
 
     settings = {"target_modules": targets, "layers_to_transform": [0]}
-    made = get_peft_model(_load(tiny_llama), peft.LoHaConfig(task_type="CAUSAL_LM", r=2, **settings))
+    made = get_peft_model(load_fp32(tiny_llama), peft.LoHaConfig(task_type="CAUSAL_LM", r=2, **settings))
     tuned = {n.removeprefix("base_model.model.") for n, m in made.named_modules()
              if isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer)}
     assert len(tuned) == (14 if targets == "all-linear" else 4)  # both layers'
@@ -642,14 +638,14 @@ def test_exclude_modules_leaves_out_what_peft_leaves_out(method, tiny_llama, tmp
     settings = {"target_modules": ["q_proj", "v_proj"],
                 "exclude_modules": ["model.layers.0.self_attn.q_proj", "layers.1.self_attn.v_proj"]}
     torch.manual_seed(0)
-    made = get_peft_model(_load(tiny_llama), getattr(peft, kind)(task_type="CAUSAL_LM", **settings, **theirs_settings))
+    made = get_peft_model(load_fp32(tiny_llama), getattr(peft, kind)(task_type="CAUSAL_LM", **settings, **theirs_settings))
     kept = _far_from_identity(made)
     assert kept == {"model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.q_proj"}
     made.eval().save_pretrained(tmp_path / "peft")
-    theirs = peft.PeftModel.from_pretrained(_load(tiny_llama), tmp_path / "peft").eval()
+    theirs = peft.PeftModel.from_pretrained(load_fp32(tiny_llama), tmp_path / "peft").eval()
     ours = load_adapted_model(str(tiny_llama), str(tmp_path / "peft"), torch.device("cpu"))[0]
     assert set(adapter_layers(ours)) == kept
-    base = _logits(_load(tiny_llama))
+    base = _logits(load_fp32(tiny_llama))
     assert float((_logits(ours) - base).abs().max()) > 1e-3
     assert float((_logits(ours) - _logits(theirs)).abs().max()) <= 1e-5
 
@@ -659,7 +655,7 @@ def test_exclude_modules_leaves_out_what_peft_leaves_out(method, tiny_llama, tmp
     assert set(adapter_layers(ours)) == kept
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        theirs = peft.PeftModel.from_pretrained(_load(tiny_llama), adapter).eval()
+        theirs = peft.PeftModel.from_pretrained(load_fp32(tiny_llama), adapter).eval()
     assert not [w for w in seen if "exclude" in str(w.message)]
     assert float((_logits(ours) - base).abs().max()) > 1e-3
     assert float((_logits(ours) - _logits(theirs)).abs().max()) <= 1e-5
@@ -676,16 +672,16 @@ def test_exclude_modules_as_a_regex_and_its_mistakes(tiny_llama, number_data, tm
     from peftkit.methods.lora import LoraConfig
 
     adapter = _peft_lora(tiny_llama, tmp_path / "regex", exclude_modules=r".*layers\.0\..*")
-    theirs = peft.PeftModel.from_pretrained(_load(tiny_llama), adapter).eval()
+    theirs = peft.PeftModel.from_pretrained(load_fp32(tiny_llama), adapter).eval()
     ours = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[0]
     assert set(adapter_layers(ours)) == {"model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"}
     assert float((_logits(ours) - _logits(theirs)).abs().max()) <= 1e-5
     cfg = LoraConfig(target_modules=["q_proj", "v_proj"], exclude_modules={"regex": r".*layers\.0\..*"})
-    assert set(inject_adapters(_load(tiny_llama), cfg)) == set(adapter_layers(ours))
-    assert len(inject_adapters(_load(tiny_llama), LoraConfig(exclude_modules=["lm_head", "down_proj"]))) == 12
+    assert set(inject_adapters(load_fp32(tiny_llama), cfg)) == set(adapter_layers(ours))
+    assert len(inject_adapters(load_fp32(tiny_llama), LoraConfig(exclude_modules=["lm_head", "down_proj"]))) == 12
     ia3 = IA3Config(method="ia3", target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"],
                     exclude_modules=["down_proj"])
-    assert set(inject_adapters(_load(tiny_llama), ia3)) == {f"model.layers.{i}.self_attn.v_proj" for i in (0, 1)}
+    assert set(inject_adapters(load_fp32(tiny_llama), ia3)) == {f"model.layers.{i}.self_attn.v_proj" for i in (0, 1)}
 
     for settings, message in (
             ({"exclude_modules": ["v_proj", "q_prj"]}, r"adapter.exclude_modules entry 'q_prj' names no module of "
@@ -695,9 +691,9 @@ def test_exclude_modules_as_a_regex_and_its_mistakes(tiny_llama, number_data, tm
             ({"exclude_modules": ["q_proj", "v_proj"]}, r"adapter.exclude_modules leaves out all 4 target modules, "
                                                         r"so nothing would be adapted")):
         with pytest.raises(PeftkitError, match=message):
-            inject_adapters(_load(tiny_llama), LoraConfig(target_modules=["q_proj", "v_proj"], **settings))
+            inject_adapters(load_fp32(tiny_llama), LoraConfig(target_modules=["q_proj", "v_proj"], **settings))
     with pytest.raises(PeftkitError, match=r"entry 'down_prj' names no module of this model"):
-        inject_adapters(_load(tiny_llama), IA3Config(method="ia3", exclude_modules=["down_prj"]))  # (targets: null)
+        inject_adapters(load_fp32(tiny_llama), IA3Config(method="ia3", exclude_modules=["down_prj"]))  # (targets: null)
 
 
 def test_init_from_a_peft_adapter_whose_exclude_modules_names_nothing_trains(tiny_llama, number_data, tmp_path):
@@ -732,7 +728,7 @@ def test_layers_to_transform_edge_cases_follow_peft(tiny_llama, number_data, tmp
                            ("path", {"target_modules": ["model.layers.0.self_attn.q_proj", "v_proj"],
                                      "layers_to_transform": [1]})):
         adapter = _peft_lora(tiny_llama, tmp_path / name, **settings)
-        theirs = peft.PeftModel.from_pretrained(_load(tiny_llama), adapter).eval()
+        theirs = peft.PeftModel.from_pretrained(load_fp32(tiny_llama), adapter).eval()
         ours = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[0]
         assert set(adapter_layers(ours)) == {n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
                                              if hasattr(m, "lora_A")}

@@ -23,8 +23,8 @@ from peftkit.errors import PeftkitError
 from peftkit.methods.lora import LoraConfig
 from peftkit.adapter_base import load_adapted_model
 from peftkit.tiny import build_tiny_model
-from tests.conftest import (check_loads_and_merges_as_peft, cli_user_error, make_recipe, peft_and_our_gradients,
-                            save_random_adapter)
+from tests.conftest import (check_loads_and_merges_as_peft, cli_user_error, load_fp32, make_recipe,
+                            peft_and_our_gradients, save_random_adapter)
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
 EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
@@ -37,13 +37,9 @@ def mixtral(tmp_path_factory) -> Path:
     return path
 
 
-def _load(path: Path) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
 def _peft_adapter(base: Path, out: Path, **settings) -> Path:
     torch.manual_seed(0)
-    model = get_peft_model(_load(base), PeftLora(r=2, lora_alpha=8, init_lora_weights=False, **settings))
+    model = get_peft_model(load_fp32(base), PeftLora(r=2, lora_alpha=8, init_lora_weights=False, **settings))
     model.save_pretrained(out)
     return out
 
@@ -78,7 +74,7 @@ def test_peft_loads_our_export_with_its_keys_and_our_logits(mixtral, tmp_path):
     assert saved["base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight"].shape == (2 * 4, 32)
     assert json.loads((ours / "adapter_config.json").read_text())["target_parameters"] == EXPERTS
     ours_logits = _logits(load_adapted_model(str(mixtral), str(ours), torch.device("cpu"))[0])
-    assert (ours_logits - _logits(PeftModel.from_pretrained(_load(mixtral), ours).eval())).abs().max() <= 1e-5
+    assert (ours_logits - _logits(PeftModel.from_pretrained(load_fp32(mixtral), ours).eval())).abs().max() <= 1e-5
 
 
 def test_gradients_equal_peft_s(mixtral, tmp_path):
@@ -127,7 +123,7 @@ def test_each_experts_implementation_gives_peft_s_step_through_the_factors(imple
 
     threads(MAX_THREADS)
     adapter = _peft_adapter(mixtral, tmp_path / "peft", target_modules=["q_proj"], target_parameters=EXPERTS)
-    theirs = PeftModel.from_pretrained(_load(mixtral), adapter, is_trainable=True).train()
+    theirs = PeftModel.from_pretrained(load_fp32(mixtral), adapter, is_trainable=True).train()
     theirs.base_model.model.set_experts_implementation(implementation)
     loss = theirs(input_ids=IDS, labels=IDS).loss
     loss.backward()
@@ -211,9 +207,9 @@ def test_a_run_trains_the_experts_and_exports_what_peft_loads(mixtral, number_da
     state = load_file(run / "adapter" / "adapter_model.safetensors")
     assert state["base_model.model.model.layers.1.mlp.experts.lora_B.weight"].abs().max() > 0
     ours = _logits(load_adapted_model(str(mixtral), str(run / "adapter"), torch.device("cpu"))[0])
-    assert (ours - _logits(PeftModel.from_pretrained(_load(mixtral), run / "adapter").eval())).abs().max() <= 1e-5
-    assert (ours - _logits(_load(run / "merged"))).abs().max() <= 1e-5
-    assert (ours - _logits(_load(mixtral))).abs().max() > 1e-3
+    assert (ours - _logits(PeftModel.from_pretrained(load_fp32(mixtral), run / "adapter").eval())).abs().max() <= 1e-5
+    assert (ours - _logits(load_fp32(run / "merged"))).abs().max() <= 1e-5
+    assert (ours - _logits(load_fp32(mixtral))).abs().max() > 1e-3
 
 
 def test_the_memory_estimate_bounds_what_autograd_keeps(mixtral, threads):
@@ -233,7 +229,7 @@ def test_the_memory_estimate_bounds_what_autograd_keeps(mixtral, threads):
         extra, bound = saved - plain_saved, estimated - plain_estimated
         rows = 2 * 16 * 2  # (2 x 16 tokens, 2 experts each) a layer; gate_up_proj's input 32 wide, down_proj's 64
         assert extra == 4 * 2 * rows * ((32 + 2) + (64 + 2)) if fused else 0.95 * bound <= extra <= bound
-        stacks = sum(p.numel() for n, p in _load(mixtral).named_parameters() if "experts" in n)
+        stacks = sum(p.numel() for n, p in load_fp32(mixtral).named_parameters() if "experts" in n)
         assert extra <= bound and extra < 4 * stacks
 
 
@@ -261,7 +257,7 @@ def test_what_cannot_carry_it_refuses_it(mixtral, tmp_path):
 
     adapter = _peft_adapter(mixtral, tmp_path / "peft", target_modules=["q_proj"], target_parameters=EXPERTS)
     with pytest.raises(PeftkitError, match="'moe' adapts parameters \\(target_parameters\\)"):
-        NamedAdapters(_load(mixtral)).load("moe", adapter)
+        NamedAdapters(load_fp32(mixtral)).load("moe", adapter)
     info = inspect_adapter(adapter)
     assert sorted(info["target_parameters"]) == sorted(EXPERTS)  # (peft writes them in a set's order)
     assert info["targets"]["modules"] == {"experts": 4, "q_proj": 2}
@@ -285,7 +281,7 @@ def test_all_linear_on_fused_experts_says_what_it_leaves_out(mixtral):
     from peftkit.errors import PeftkitWarning
 
     with pytest.warns(PeftkitWarning, match=r"add adapter.target_parameters: \[experts.down_proj, experts.gate_up_proj\]"):
-        inject_adapters(_load(mixtral), LoraConfig(target_modules="all-linear"))
+        inject_adapters(load_fp32(mixtral), LoraConfig(target_modules="all-linear"))
 
 
 def test_peft_files_load_as_peft_loads_them(mixtral, tmp_path):
@@ -301,12 +297,12 @@ def test_peft_files_load_as_peft_loads_them(mixtral, tmp_path):
 
     extra = _peft_adapter(mixtral, tmp_path / "extra", target_modules=["q_proj"], rank_pattern={"experts.down_proj": 4},
                           target_parameters=[*EXPERTS, "experts.up_proj"])
-    theirs = _logits(PeftModel.from_pretrained(_load(mixtral), extra).eval())
+    theirs = _logits(PeftModel.from_pretrained(load_fp32(mixtral), extra).eval())
     assert (_logits(load_adapted_model(str(mixtral), str(extra), torch.device("cpu"))[0]) - theirs).abs().max() <= 1e-5
     assert set(inspect_adapter(extra)["ranks"]) == {f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)}
 
     bare = _peft_adapter(mixtral, tmp_path / "bare", target_modules=["q_proj"], target_parameters=["down_proj"])
-    theirs = _logits(PeftModel.from_pretrained(_load(mixtral), bare).eval())
+    theirs = _logits(PeftModel.from_pretrained(load_fp32(mixtral), bare).eval())
     config = json.loads((bare / "adapter_config.json").read_text())  # (peft reads null as its Mixtral defaults)
     (bare / "adapter_config.json").write_text(json.dumps(config | {"target_modules": None}))
     assert (_logits(load_adapted_model(str(mixtral), str(bare), torch.device("cpu"))[0]) - theirs).abs().max() <= 1e-5
@@ -328,14 +324,14 @@ def test_a_parameter_of_a_layer_target_modules_adapts_is_said_so(mixtral):
     q_proj.base_layer.weight. It is refused as what it is: the layer is adapted twice (peft refuses both)."""
     cfg = LoraConfig(r=2, target_modules=["q_proj", "k_proj"], target_parameters=["experts.down_proj", "q_proj.weight"])
     with pytest.raises(PeftkitError) as refused:
-        inject_adapters(_load(mixtral), cfg)
+        inject_adapters(load_fp32(mixtral), cfg)
     assert str(refused.value) == (
         "adapter.target_parameters: 'q_proj.weight' names 'model.layers.0.self_attn.q_proj.weight', a parameter of "
         "'model.layers.0.self_attn.q_proj', which adapter.target_modules adapts already (peft refuses both); leave it "
         "out of one of them.")
     typo = LoraConfig(r=2, target_modules=["q_proj"], target_parameters=["q_prj.weight"])
     with pytest.raises(PeftkitError, match="'q_prj.weight' names no parameter of this model"):
-        inject_adapters(_load(mixtral), typo)
+        inject_adapters(load_fp32(mixtral), typo)
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
@@ -346,6 +342,6 @@ def test_peft_s_plain_lora_on_a_moe_model_loads(arch, tmp_path):
     build_tiny_model(base, arch=arch, hidden_size=32, num_layers=2, seed=0)
     adapter = _peft_adapter(base, tmp_path / "peft", target_modules=["q_proj", "v_proj"])
     assert json.loads((adapter / "adapter_config.json").read_text())["target_parameters"] == []
-    theirs = _logits(PeftModel.from_pretrained(_load(base), adapter).eval())
-    assert (theirs - _logits(_load(base))).abs().max() > 1e-3
+    theirs = _logits(PeftModel.from_pretrained(load_fp32(base), adapter).eval())
+    assert (theirs - _logits(load_fp32(base))).abs().max() > 1e-3
     assert (_logits(load_adapted_model(str(base), str(adapter), torch.device("cpu"))[0]) - theirs).abs().max() <= 1e-5

@@ -13,7 +13,6 @@ import torch
 from peft import LoraConfig as PeftLora
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
 from conftest import cli_user_error, make_recipe, unplaced
 from peftkit.errors import PeftkitError
@@ -21,6 +20,7 @@ from peftkit.merge_weights import merged_model
 from peftkit.adapter_base import load_adapted_model
 from peftkit.recipe import load_recipe
 from peftkit.tiny import build_tiny_model
+from tests.conftest import load_fp32
 
 IDS = torch.tensor([[1, 40, 41, 42, 7, 60, 61, 62], [2, 7, 7, 42, 9, 41, 3, 5]])
 TOKENS = [7, 42, 61]
@@ -33,10 +33,6 @@ def models(tmp_path_factory) -> dict[str, Path]:
     for arch in ("llama", "qwen2", "gemma2", "gpt2"):
         build_tiny_model(root / arch, arch=arch, hidden_size=32, num_layers=2, seed=0)
     return {arch: root / arch for arch in ("llama", "qwen2", "gemma2", "gpt2")}
-
-
-def _load(path: Path) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
@@ -54,7 +50,7 @@ def _peft_adapter(base: Path, out: Path, indices, targets=("q_proj",)) -> tuple[
     """A peft LoRA with trained token rows, its rows and B moved far from the base's (a merge must not pass
     trivially), saved by peft."""
     torch.manual_seed(0)
-    model = get_peft_model(_load(base), PeftLora(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=list(targets),
+    model = get_peft_model(load_fp32(base), PeftLora(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=list(targets),
                                                  init_lora_weights=False, trainable_token_indices=indices))
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -71,7 +67,7 @@ def test_peft_s_adapter_loads_and_merges_with_peft_s_numbers(arch, models, tmp_p
     targets = ("c_attn",) if arch == "gpt2" else ("q_proj",)
     peft_model, adapter = _peft_adapter(models[arch], tmp_path / "peft", TOKENS, targets)
     expected = _logits(peft_model)
-    assert (expected - _logits(_load(models[arch]))).abs().max() > 1e-2  # the rows really change the output
+    assert (expected - _logits(load_fp32(models[arch]))).abs().max() > 1e-2  # the rows really change the output
     model, cfg, *_ = load_adapted_model(str(models[arch]), str(adapter), torch.device("cpu"))
     assert cfg.trainable_token_indices == TOKENS
     assert _diff(_logits(model), expected) <= 1e-6
@@ -172,13 +168,13 @@ def test_a_run_trains_the_rows_and_peft_loads_the_export(arch, adapter, models, 
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert config["trainable_token_indices"] == tok_ids
     rows = load_file(run / "adapter" / "adapter_model.safetensors")[ROWS]
-    base = _load(models[arch])
+    base = load_fp32(models[arch])
     start = base.get_input_embeddings().weight.detach()[tok_ids]
     assert (rows - start).abs().max() > 1e-3  # trained
     ours = load_adapted_model(str(models[arch]), str(run / "adapter"), torch.device("cpu"))[0]
-    peft_model = PeftModel.from_pretrained(_load(models[arch]), run / "adapter").eval()
+    peft_model = PeftModel.from_pretrained(load_fp32(models[arch]), run / "adapter").eval()
     assert _diff(_logits(ours), _logits(peft_model)) <= 1e-6
-    merged = _load(run / "merged")
+    merged = load_fp32(run / "merged")
     others = [i for i in range(base.config.vocab_size) if i not in tok_ids]
     assert torch.equal(merged.get_input_embeddings().weight[others], base.get_input_embeddings().weight[others])
     assert torch.equal(merged.get_input_embeddings().weight[tok_ids], rows)
@@ -203,7 +199,7 @@ def test_settings_that_cannot_apply_are_refused(adapter, message, models):
     from peftkit.adapters import inject_adapters
 
     with pytest.raises(PeftkitError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        inject_adapters(_load(models["llama"]), _cfg(**adapter))
+        inject_adapters(load_fp32(models["llama"]), _cfg(**adapter))
 
 
 def test_the_recipe_refuses_repeated_or_empty_ids(monkeypatch, capsys, tiny_llama, number_data, tmp_path):
@@ -282,7 +278,7 @@ def test_the_method_on_a_tied_model_saves_the_rows_under_both_names_as_peft(mode
     model, *_ = load_adapted_model(str(models["qwen2"]), str(adapter), torch.device("cpu"))
     trained = [p for p in model.parameters() if p.requires_grad]
     assert len(trained) == 1 and trained[0].shape == (3, 32)
-    peft_model = PeftModel.from_pretrained(_load(models["qwen2"]), adapter).eval()
+    peft_model = PeftModel.from_pretrained(load_fp32(models["qwen2"]), adapter).eval()
     assert _diff(_logits(model), _logits(peft_model)) <= 1e-6
 
 
@@ -296,7 +292,7 @@ def test_the_method_refuses_what_cannot_apply(adapter, message, models):
 
     cfg = TrainableTokensConfig(**adapter)
     with pytest.raises(PeftkitError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        inject_adapters(_load(models["llama"]), cfg)
+        inject_adapters(load_fp32(models["llama"]), cfg)
 
 
 def test_the_method_s_recipe_mistakes(monkeypatch, capsys, tiny_llama, number_data, tmp_path):
@@ -325,7 +321,7 @@ def test_the_method_naming_a_tied_head_too_ties_it(models):
 
     models_ = {}
     for name, targets in (("named", ["embed_tokens", "lm_head"]), ("default", None)):
-        model = _load(models["qwen2"])
+        model = load_fp32(models["qwen2"])
         torch.manual_seed(0)
         inject_adapters(model, TrainableTokensConfig(token_indices=TOKENS, target_modules=targets))
         with torch.no_grad():
@@ -343,7 +339,7 @@ def test_merging_and_unmerging_tied_layers_in_place_restores_the_base(order, mod
     from peftkit.adapters import adapter_layers, inject_adapters
     from peftkit.methods.trainable_tokens import TrainableTokensConfig
 
-    model, base = _load(models["qwen2"]), _load(models["qwen2"])
+    model, base = load_fp32(models["qwen2"]), load_fp32(models["qwen2"])
     inject_adapters(model, TrainableTokensConfig(token_indices=TOKENS))
     with torch.no_grad():
         next(p for p in model.parameters() if p.requires_grad).add_(1.0)
@@ -438,13 +434,13 @@ def test_a_tied_head_trained_whole_beside_rows_of_the_embeddings_is_refused(mode
 
     settings = {"trainable_token_indices": [7], "modules_to_save": ["lm_head"]}
     with pytest.raises(PeftkitError) as refused:
-        inject_adapters(_load(models["qwen2"]), _cfg(**settings))
+        inject_adapters(load_fp32(models["qwen2"]), _cfg(**settings))
     assert str(refused.value) == (
         "adapter.trainable_token_indices trains rows of the input embeddings, and adapter.modules_to_save trains "
         "'lm_head', the output head tied to them, whole: peft 0.21 can neither run nor load that adapter (its trained "
         "rows wrap the head's copy). Leave 'lm_head' out of modules_to_save (the tied head then uses the trained rows, "
         "as in peft), or train the embeddings whole too (modules_to_save) without trainable_token_indices.")
-    theirs = get_peft_model(_load(models["qwen2"]), PeftLora(r=4, target_modules=["q_proj"], **settings))
+    theirs = get_peft_model(load_fp32(models["qwen2"]), PeftLora(r=4, target_modules=["q_proj"], **settings))
     with pytest.raises(ValueError, match="TrainableTokensLayer wraps an unknown layer type"):
         theirs(IDS)
-    assert inject_adapters(_load(models["llama"]), _cfg(**settings))
+    assert inject_adapters(load_fp32(models["llama"]), _cfg(**settings))

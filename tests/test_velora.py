@@ -15,21 +15,16 @@ from peft import LoraConfig as PeftLora
 from peft import PeftModel
 from peft.tuners.lora.config import VeloraConfig
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
 from peftkit.adapters import inject_adapters
 from peftkit.errors import PeftkitError
 from peftkit.methods.lora import LoraConfig
 from peftkit.adapter_base import load_adapted_model
-from tests.conftest import (check_loads_and_merges_as_peft, check_resumes_to_the_same_bits, cli_user_error, make_recipe,
-                            peft_and_our_gradients, save_peft_lora, save_random_adapter)
+from tests.conftest import (check_loads_and_merges_as_peft, check_resumes_to_the_same_bits, cli_user_error, load_fp32,
+                            make_recipe, peft_and_our_gradients, save_peft_lora, save_random_adapter)
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
 TARGETS = ["q_proj", "down_proj"]
-
-
-def _load(path: Path) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def _peft_adapter(base: Path, out: Path, **velora) -> Path:
@@ -58,7 +53,7 @@ def test_adapters_load_and_merge_as_peft_s_both_ways(tiny_llama, tmp_path):
     saved = load_file(ours / "adapter_model.safetensors")
     assert saved["base_model.model.model.layers.0.mlp.down_proj.lora_velora_embed"].shape == (13,)  # 64 in 5 groups
     logits = load_adapted_model(str(tiny_llama), str(ours), torch.device("cpu"))[0](input_ids=IDS).logits
-    assert (logits - PeftModel.from_pretrained(_load(tiny_llama), ours)(input_ids=IDS).logits).abs().max() <= 1e-5
+    assert (logits - PeftModel.from_pretrained(load_fp32(tiny_llama), ours)(input_ids=IDS).logits).abs().max() <= 1e-5
 
 
 def test_a_run_trains_it(tiny_llama, number_data, tmp_path):
@@ -75,7 +70,7 @@ def test_a_run_trains_it(tiny_llama, number_data, tmp_path):
     assert json.loads((adapter / "adapter_config.json").read_text())["velora_config"]["num_groups"] == 8
     with torch.no_grad():
         ours = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[0](input_ids=IDS).logits
-        theirs = PeftModel.from_pretrained(_load(tiny_llama), adapter)(input_ids=IDS).logits
+        theirs = PeftModel.from_pretrained(load_fp32(tiny_llama), adapter)(input_ids=IDS).logits
     assert (ours - theirs).abs().max() <= 1e-5
 
 
@@ -95,7 +90,7 @@ def test_recipe_mistakes_are_refused(adapter, message, tiny_llama, number_data, 
 
 def test_an_embedding_target_is_refused(tiny_llama):
     with pytest.raises(PeftkitError, match="'model.embed_tokens' is an Embedding, and VeLoRA trains linear layers"):
-        inject_adapters(_load(tiny_llama), LoraConfig(target_modules=["embed_tokens"], velora_config={}))
+        inject_adapters(load_fp32(tiny_llama), LoraConfig(target_modules=["embed_tokens"], velora_config={}))
 
 
 def test_inspect_says_what_it_is(tiny_llama, tmp_path):
