@@ -393,15 +393,22 @@ def test_two_processes_train_the_adapter_of_one_with_twice_the_batch_and_resume_
     assert "environment:" not in verified.stdout + verified.stderr, verified.stdout + verified.stderr
 
 
-def test_a_run_that_did_not_trim_its_slices_resumes_and_verifies_untrimmed(launched):
+def test_a_run_that_did_not_trim_its_slices_resumes_and_verifies_untrimmed(launched, monkeypatch):
     """A 2-process run from before the padding trim checkpointed untrimmed slices, and its checkpoints and manifest
     say nothing of it: resumed by today's code it went on trimmed, so it no longer ended with the bits of its
     uninterrupted run, and `peftkit verify` re-ran it trimmed. Such a run (made here untrimmed, as verify's re-run of
-    one is) now resumes untrimmed to the uninterrupted run's bits and verifies; a run today trims, says so in its
-    checkpoints and manifest, and ends with other bits (measured when this test was written; the resumed run's bits
-    here are what tell the two apart). (Three 2-process runs of 4 steps: the first in the `launched` launch, the
-    resume and verify's re-run launched as a user's.)"""
+    one is) now resumes untrimmed to the uninterrupted run's bits, and verify re-runs it untrimmed; a run today
+    trims, says so in its checkpoints and manifest, and ends with other bits (measured when this test was written;
+    the resumed run's bits here are what tell the two apart). (Two 2-process runs of 4 steps: the first in the
+    `launched` launch, the resume launched as a user's. Verify's launch of its re-run is replaced by a stand-in that
+    reads the environment it is handed: the launch itself, and that its processes obey PEFTKIT_TRIMMED_SLICES, are
+    test_two_processes_train_the_adapter_of_one_with_twice_the_batch_and_resume_bit_identically's and
+    test_whether_slices_are_trimmed_is_the_run_s_own_record's; a real one here cost 20 s of CI.)"""
     import shutil
+
+    import peftkit.launch
+    from peftkit.distributed import TRIMMED
+    from peftkit.verify import verify
 
     old, run = launched / "old" / "recipe.yaml", launched / "old" / "run"
     unbroken = (run / "adapter" / "adapter_model.safetensors").read_bytes()
@@ -413,11 +420,17 @@ def test_a_run_that_did_not_trim_its_slices_resumes_and_verifies_untrimmed(launc
     resumed = _peftkit("train", str(old), "--num-processes", "2", "--resume")
     assert resumed.returncode == 0 and "Resumed from step-00000002" in resumed.stdout, resumed.stdout + resumed.stderr
     assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == unbroken
-    verified = _peftkit("verify", str(run))  # its manifest says nothing of a trim: re-run untrimmed
-    assert verified.returncode == 0 and "reproduces bit for bit" in verified.stdout, verified.stdout + verified.stderr
-    # (A run of today trims these rows, records it, and ends with other bits: a fourth 2-process run showed it, 20 s
-    # of CI for what test_whether_slices_are_trimmed_is_the_run_s_own_record and the kill/resume test's manifest check
-    # cover.)
+    launched_with = []
+
+    def launch(processes, argv, kind, stage, inherit=()):  # verify's re-run, as the launcher would start it
+        launched_with.append((processes, argv[0], os.environ.get(TRIMMED)))
+        return 1
+
+    monkeypatch.setattr(peftkit.launch, "launch", launch)
+    with pytest.raises(PeftkitError, match="the 2-process re-run failed"):
+        verify(run, console=Console(file=io.StringIO()))
+    assert launched_with == [(2, "train", "0")]  # its manifest says nothing of a trim: re-run untrimmed
+    assert os.environ.get(TRIMMED) is None  # (set for the launch alone)
 
 
 def test_two_processes_train_one_process_s_grouped_batches(launched, tiny_llama, number_data, tmp_path):
