@@ -16,11 +16,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from peftkit.data import Example, eval_loader
+from peftkit.data import Example
 from peftkit.data.classification import ClassificationCollator
 from peftkit.errors import PeftkitError
 from peftkit.metrics import CLASSIFICATION_METRICS, accuracy, macro_f1
-from peftkit.rope_scaling import fresh_dynamic_rope
+from peftkit.rope_scaling import alone_batches, fresh_dynamic_rope, row_positions
 
 HEAD_NAMES = ("classifier", "score")
 """transformers' names for a sequence-classification head, as peft's `SEQ_CLS_HEAD_NAMES`."""
@@ -63,27 +63,30 @@ def example_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor],
 @torch.no_grad()
 def predict(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int,
             processes=None) -> tuple[torch.Tensor, list[int]]:
-    """(the (rows, num_labels) fp32 logits, the rows' class ids) of `model` on `examples`, in eval mode (the
-    model's mode is restored afterwards).
+    """(the (rows, num_labels) fp32 logits, the rows' class ids) of `model` on `examples`, in the examples' order, in
+    eval mode (the model's mode is restored afterwards). The batches are `alone_batches`': under dynamic RoPE
+    (longrope) a row past the context shares a batch only with rows of its length, so that it scores as alone,
+    whatever eval.batch_size.
 
     `processes` (an accelerate Accelerator, several processes): each predicts every num_processes-th batch and the
-    shares are gathered back in order, so every process holds the whole, computed once, and decides the same (an
-    early stop, export.best). Every process runs as many forwards (one short of batches repeats its first, unused),
-    which keeps FSDP's collectives in step."""
+    shares are gathered back, so every process holds the whole, computed once, and decides the same (an early stop,
+    export.best). Every process runs as many forwards (one short of batches repeats its first, unused), which keeps
+    FSDP's collectives in step."""
     rank, world = (processes.process_index, processes.num_processes) if processes is not None else (0, 1)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    shares, first = [], None  # (batch index, logits, class ids) of this process's batches
-    batches = -(-len(examples) // batch_size)
+    batches = alone_batches(model, len(examples), lambda i: row_positions(examples[i]), batch_size)
+    collate, shares, first = ClassificationCollator(pad_id), [], None  # shares: (indices, logits, class ids)
     try:
-        for i, batch in enumerate(eval_loader(examples, batch_size, pad_id, ClassificationCollator(pad_id))):
+        for i, rows in enumerate(batches):
+            batch = collate([examples[j] for j in rows])
             first = batch if first is None else first
             if i % world == rank:
                 with fresh_dynamic_rope(model):  # each batch as on a freshly loaded model (`evaluate_loss`)
                     logits = classification_logits(model, {k: v.to(device) for k, v in batch.items()})
-                shares.append((i, logits.float().cpu(), batch["labels"].tolist()))
-        for _ in range(-(-batches // world) - len(shares)):
+                shares.append((rows, logits.float().cpu(), batch["labels"].tolist()))
+        for _ in range(-(-len(batches) // world) - len(shares)):
             with fresh_dynamic_rope(model):
                 classification_logits(model, {k: v.to(device) for k, v in first.items()})
     finally:
@@ -91,8 +94,10 @@ def predict(model: nn.Module, examples: list[Example], batch_size: int, pad_id: 
     if world > 1:
         from accelerate.utils import gather_object
 
-        shares = sorted(gather_object(shares), key=lambda share: share[0])
-    return torch.cat([logits for _, logits, _ in shares]), [label for *_, labels in shares for label in labels]
+        shares = gather_object(shares)
+    order = torch.tensor([j for rows, *_ in shares for j in rows]).argsort()  # back to the examples' order
+    labels = [label for *_, labels in shares for label in labels]
+    return torch.cat([logits for _, logits, _ in shares])[order], [labels[k] for k in order.tolist()]
 
 
 def evaluate_classification(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int,

@@ -6,7 +6,6 @@ metrics of its greedy answers to the rows' prompts: for `peftkit eval` and for t
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -26,10 +25,10 @@ from peftkit.eval_job import EvalJob
 from peftkit.fileio import atomic_write_text
 from peftkit.inference import ModelSource
 from peftkit.loss import labelled_count, next_token_loss_sum, on_device, trimmed_head
-from peftkit.methods.virtual import task_inputs, virtual_tokens
+from peftkit.methods.virtual import task_inputs
 from peftkit.metrics import GENERATION_METRICS, LOSS_METRICS, score
 from peftkit.progress import work
-from peftkit.rope_scaling import batch_scaled_context, fresh_dynamic_rope
+from peftkit.rope_scaling import alone_batches, fresh_dynamic_rope, row_positions
 from peftkit.recipe import Recipe
 from peftkit.task_ids import adapter_task_count, with_tasks
 
@@ -101,24 +100,11 @@ def evaluate_loss(model: nn.Module, examples: Sequence[Example], batch_size: int
 
 
 def loss_batches(model: nn.Module, examples: Sequence[Example], batch_size: int) -> list[list[int]]:
-    """The examples' indices in the batches `evaluate_loss` scores: runs of `batch_size` in order, as a DataLoader
-    cuts them; under dynamic RoPE (and longrope's choice of factors), a row whose positions (its virtual tokens
-    counted) pass the context past which transformers scales a batch by its longest row (`batch_scaled_context`)
-    shares a batch only with rows of its own positions, after the others, so that every row scores as alone and
-    the loss (a sum over tokens, divided once) does not depend on eval.batch_size: SmolLM2-135M-Instruct at 128
-    positions, dynamic x2, had scored 0.5553 at batch 8 and 0.5531 at 1. The rows within keep their batches."""
-    context = batch_scaled_context(model)
-    if context is None:
-        runs = [list(range(len(examples)))]
-    else:
-        within = context - getattr(virtual_tokens(model), "num_virtual_tokens", 0)
-        def positions(i: int) -> int:  # a packed row's positions restart at each of its examples
-            e = examples[i]
-            return max(e.position_ids) + 1 if e.position_ids is not None else len(e.input_ids)
-        past = sorted((i for i in range(len(examples)) if positions(i) > within), key=positions)
-        runs = [[i for i in range(len(examples)) if positions(i) <= within]]
-        runs += [list(g) for _, g in itertools.groupby(past, key=positions)]
-    return [run[start:start + batch_size] for run in runs for start in range(0, len(run), batch_size)]
+    """The examples' indices in the batches `evaluate_loss` scores: `alone_batches` of each row's positions (a
+    packed row's positions restart at each of its examples): under dynamic RoPE (and longrope's choice of factors)
+    a row past the context shares a batch only with rows of its own positions, so that the loss (a sum over tokens,
+    divided once) does not depend on eval.batch_size."""
+    return alone_batches(model, len(examples), lambda i: row_positions(examples[i]), batch_size)
 
 
 def generation_scores(model: nn.Module, tok, prompts: list, metrics: list[str], sampling: Sampling, batch_size: int,

@@ -29,12 +29,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from peftkit.classify import classification_logits
-from peftkit.data import IGNORE_INDEX, eval_loader
+from peftkit.data import IGNORE_INDEX
 from peftkit.data.preference import Pairs
+from peftkit.data.unpaired import Unpaired
 from peftkit.loss import labelled_count, on_device, row_logps, trimmed_head
 from peftkit.methods.virtual import task_inputs
 from peftkit.metrics import PREFERENCE_METRICS, REWARDS
-from peftkit.rope_scaling import fresh_dynamic_rope
+from peftkit.rope_scaling import alone_batches, fresh_dynamic_rope, row_positions
 
 
 def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor], labelled: int | None = None) -> torch.Tensor:
@@ -185,6 +186,21 @@ def nonfinite_references(reference: torch.Tensor) -> tuple[int, int] | None:
     return int((~finite).sum()), int((~finite).nonzero()[0])
 
 
+def pair_batches(model: nn.Module, pairs: Pairs, batch_size: int, alone: bool = True) -> list[list[int]]:
+    """The pairs' indices in the batches an evaluation scores them in (`PreferenceEval`, and `reference_logps` of the
+    same batches): `alone_batches` of each pair's longer answer, so that under dynamic RoPE (longrope) a pair past the
+    context scores as alone and the figures do not depend on eval.batch_size.
+
+    KTO's unpaired answers, and `alone` False (data.train's references), keep runs of `batch_size` in order: a KTO
+    batch's KL estimate is a mean over its answers' mismatched examples, drawn within runs of eval.batch_size
+    (`peftkit.data.unpaired.mismatched`), so its batches are part of the figure; and training's batches are its own."""
+    if isinstance(pairs, Unpaired) or not alone:
+        return [list(range(start, min(start + batch_size, len(pairs)))) for start in range(0, len(pairs), batch_size)]
+    rows = pairs.examples
+    return alone_batches(model, len(pairs), lambda i: max(row_positions(rows[2 * i]), row_positions(rows[2 * i + 1])),
+                         batch_size)
+
+
 @torch.no_grad()
 def reference_logps(model: nn.Module, pairs: Pairs, batch_size: int, pad_id: int, processes=None,
                     advance: Callable[[int], None] | None = None, *, fresh_rope: bool = True) -> torch.Tensor:
@@ -192,25 +208,26 @@ def reference_logps(model: nn.Module, pairs: Pairs, batch_size: int, pad_id: int
     eval mode (the model's mode is restored). `processes` (several): each computes every num_processes-th batch, and
     the shares are added up (each row computed by one process, zeros elsewhere: the sum is exact).
 
-    `fresh_rope`: each batch with dynamic RoPE as the model loaded (`fresh_dynamic_rope`), as `PreferenceEval`
-    scores the policy's batches (the same batches): else a batch after a longer one kept that one's frequencies,
-    and a model scored against itself had rewards off 0. False for data.train's references, which training's
-    forwards (transformers' own behaviour) are set against."""
+    `fresh_rope`: the batches `PreferenceEval` scores the policy's in (`pair_batches`), each with dynamic RoPE as the
+    model loaded (`fresh_dynamic_rope`): else a batch after a longer one kept that one's frequencies, and a model
+    scored against itself had rewards off 0. False for data.train's references, which training's forwards
+    (transformers' own behaviour) are set against: runs of `batch_size` in order, the model's state carried over."""
     rank, world = (processes.process_index, processes.num_processes) if processes is not None else (0, 1)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     rows = torch.zeros(2 * len(pairs), dtype=torch.float32, device=device)
+    collate = pairs.collator(pad_id)
     try:
-        for i, batch in enumerate(eval_loader(pairs, batch_size, pad_id, pairs.collator(pad_id))):
+        for i, indices in enumerate(pair_batches(model, pairs, batch_size, alone=fresh_rope)):
             if i % world == rank:
-                start = 2 * i * batch_size
+                batch = collate([pairs[j] for j in indices])
+                at = torch.tensor([2 * j + answer for j in indices for answer in (0, 1)], device=device)
                 labelled = labelled_count(batch["labels"])
                 with fresh_dynamic_rope(model) if fresh_rope else contextlib.nullcontext():
-                    rows[start:start + len(batch["input_ids"])] = sequence_logps(model, on_device(batch, device),
-                                                                                 labelled)
+                    rows[at] = sequence_logps(model, on_device(batch, device), labelled)
             if advance is not None:
-                advance(len(batch["input_ids"]) // 2)
+                advance(len(indices))
     finally:
         model.train(was_training)
     if world > 1:
@@ -260,17 +277,18 @@ class PreferenceEval:
 
     @torch.no_grad()
     def __call__(self, model: nn.Module, generator: nn.Module | None = None) -> dict[str, float]:
-        """The figures of `model` on the pairs, in eval mode (restored afterwards). Every process runs as many
-        forwards (one short of batches repeats its first, uncounted), which keeps FSDP's collectives in step."""
+        """The figures of `model` on the pairs, in eval mode (restored afterwards), in `pair_batches`' batches. Every
+        process runs as many forwards (one short of batches repeats its first, uncounted), which keeps FSDP's
+        collectives in step."""
         rank, world = (self.processes.process_index, self.processes.num_processes) if self.processes else (0, 1)
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
         sums = torch.zeros(len(self.loss.SUMS), dtype=torch.float64, device=device)
-        batches = eval_loader(self.pairs, self.batch_size, self.pad_id, self.pairs.collator(self.pad_id))
+        batches, collate = pair_batches(model, self.pairs, self.batch_size), self.pairs.collator(self.pad_id)
         rounds, first, done = -(-len(batches) // world), None, 0
         try:
-            for i, batch in enumerate(batches):
+            for i, batch in enumerate(collate([self.pairs[j] for j in rows]) for rows in batches):
                 first = batch if first is None else first
                 if i % world == rank:
                     with fresh_dynamic_rope(model):  # each batch as on a freshly loaded model (`evaluate_loss`)

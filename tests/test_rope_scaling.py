@@ -634,3 +634,71 @@ def test_eval_loss_past_the_context_does_not_depend_on_the_batch_size(short_llam
     assert abs(evaluate_loss(phi3, rows, 4, 0)["loss"] - evaluate_loss(phi3, rows, 1, 0)["loss"]) <= 1e-6
     assert loss_batches(_scaled(short_llama, {"type": "linear", "factor": 4}), rows, 4) == [[0, 1, 2, 3], [4, 5, 6, 7],
                                                                                              [8]]
+
+
+def _random_rows(lengths: list[int], seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, 90, (n,), generator=gen).tolist() for n in lengths]
+
+
+def test_dpo_figures_past_the_context_do_not_depend_on_the_batch_size(short_llama):
+    """A pair within the 64 positions batched beside one past them took the longer's dynamic frequencies, in the
+    reference's log-probabilities and the policy's, so DPO's figures depended on eval.batch_size. Now
+    (`pair_batches`) a pair past the context (its longer answer) shares a batch only with pairs of its length: at
+    batch 4 the reference's log-probabilities and every figure are batch 1's; pairs within keep a DataLoader's
+    batches. KTO's unpaired answers keep theirs: their batches are their KL estimate's."""
+    from peftkit.data.preference import Pairs
+    from peftkit.data.stored import Example, Examples
+    from peftkit.data.unpaired import Unpaired
+    from peftkit.preference import PreferenceEval, PreferenceLoss, pair_batches, reference_logps
+
+    lengths = [(20, 24), (90, 80), (30, 40), (70, 70), (50, 90), (36, 30), (120, 100), (44, 50)]
+    ids = _random_rows([n for pair in lengths for n in pair], seed=5)
+    pairs = Pairs(Examples(Example(input_ids=r, labels=[-100] * 8 + r[8:]) for r in ids))
+    model = _scaled(short_llama, {"type": "dynamic", "factor": 4})
+    assert pair_batches(model, pairs, 4) == [[0, 2, 5, 7], [3], [1, 4], [6]]
+    reference = {b: reference_logps(model, pairs, b, pad_id=0) for b in (1, 4)}
+    assert torch.allclose(reference[4], reference[1], rtol=1e-6, atol=1e-6)  # (fp32 sums of up to 112 tokens)
+    with torch.no_grad():  # the policy: the model moved off the reference
+        gen = torch.Generator().manual_seed(1)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    figures = {}
+    for b in (1, 4):
+        pairs.reference = reference[b]
+        figures[b] = PreferenceEval(pairs, 0, b, PreferenceLoss(0.1))(model)
+    assert figures[4].keys() == figures[1].keys() and figures[1]["num_pairs"] == 8
+    assert all(abs(figures[4][k] - figures[1][k]) <= 1e-6 for k in figures[1]), figures
+    assert figures[1]["reward_margin"] != 0.0  # (the policy is not the reference)
+    unpaired = Unpaired(pairs.examples, [True, False] * 4)
+    assert pair_batches(model, unpaired, 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_classifier_figures_past_the_context_do_not_depend_on_the_batch_size(short_llama):
+    """A Llama classifier reads its last token, rotated by the batch's dynamic frequencies: a row within the 64
+    positions beside one past them scored otherwise, and the loss depended on eval.batch_size. Now (`predict`'s
+    `alone_batches`) the loss, accuracy and macro-F1 at batch 4 are batch 1's, and the loss is a hand mean of the
+    rows' cross-entropies, each row alone in transformers' own classifier; the logits come back in the rows'
+    order."""
+    from transformers import AutoModelForSequenceClassification
+
+    from peftkit.classify import evaluate_classification, predict
+    from peftkit.data.stored import Example
+
+    lengths = [20, 90, 40, 70, 90, 30, 120, 50, 60]
+    ids = _random_rows(lengths, seed=6)
+    rows = [Example(input_ids=r, labels=[i % 3]) for i, r in enumerate(ids)]
+    raw = AutoConfig.from_pretrained(short_llama).to_dict()
+    raw |= {"rope_parameters": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}, "pad_token_id": 0}
+    config = LlamaConfig(**{k: v for k, v in raw.items() if k not in ("architectures", "transformers_version",
+                                                                       "id2label", "label2id")}, num_labels=3)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(short_llama, config=config).eval()
+    one, four = (evaluate_classification(model, rows, b, pad_id=0) for b in (1, 4))
+    assert all(abs(four[k] - one[k]) <= 1e-6 for k in one), (one, four)
+    with torch.no_grad():
+        alone = torch.cat([model(torch.tensor([r])).logits for r in ids])
+    labels = torch.tensor([i % 3 for i in range(len(ids))])
+    assert abs(one["loss"] - float(torch.nn.functional.cross_entropy(alone, labels))) <= 1e-6
+    logits, classes = predict(model, rows, 4, 0)
+    assert classes == labels.tolist() and torch.allclose(logits, alone, rtol=0, atol=1e-5)
