@@ -25,7 +25,8 @@ from peftkit.recipe import load_recipe
 from peftkit.tiny import build_tiny_model
 from peftkit.train import train
 from tests.conftest import make_recipe, random_adapters, signal_after_step
-from tests.test_methods import _diff, _load, _logits
+from tests.conftest import load_fp32 as _load  # (float32, eval mode)
+from tests.test_methods import _diff, _logits
 
 INIT_R, TARGET_R, TINIT, TFINAL, TOTAL = 6, 3, 2, 3, 10
 LAYERS = 4  # q_proj and v_proj of 2 layers (peft's default targets for Llama)
