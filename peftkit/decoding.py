@@ -175,8 +175,8 @@ def generate_ids(model: nn.Module, tok, prompts: list[list[int]], sampling: Samp
     positions = getattr(virtual, "num_virtual_tokens", 0) + width + sampling.max_new_tokens
     stale = stale_cache_past_context(model, positions, prefilled=virtual is not None)
     # A prompt-family adapter adds its cache of virtual tokens and the mask with them in front
-    # (peftkit.methods.virtual), a cache generate would keep: where it goes stale, the adapter's own forwards of the
-    # whole sequence decode (`peftkit.whole_forwards`).
+    # (peftkit.methods.virtual), a cache generate would keep: where it goes stale, the tokens forwards of the whole
+    # sequence choose decode (`peftkit.whole_forwards`, with a cache of its own where the RoPE frequencies hold).
     whole = virtual is not None and stale
     extra = generation_inputs(model, mask, task_ids) if not whole else {}
     inputs = {"input_ids": ids, "attention_mask": mask} | extra

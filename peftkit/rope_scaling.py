@@ -113,6 +113,21 @@ def longrope_context(model) -> int | None:
                 and isinstance(getattr(getattr(m, "config", None), "rope_parameters", None), dict)), default=None)
 
 
+def rotation_by_length(model) -> Callable[[int], tuple[int, bool]]:
+    """What sets the rotary frequencies of `model`'s forward over a sequence of `length` positions (its largest
+    position id + 1, virtual tokens counted), as transformers 5.25's `dynamic_rope_update` picks them: dynamic RoPE
+    rotates by the base frequencies up to its original context and past it by frequencies of the length itself, each
+    length its own; longrope by its short factors up to original_max_position_embeddings, by its long ones past it.
+    Two forwards whose lengths give the same value rotate alike, so a KV cache filled at one length holds the keys a
+    forward of the whole sequence computes at the other (`peftkit.whole_forwards`)."""
+    dynamic, longrope = dynamic_context(model), longrope_context(model)
+
+    def rotation(length: int) -> tuple[int, bool]:
+        return (length if dynamic is not None and length > dynamic else 0,
+                longrope is not None and length > longrope)
+    return rotation
+
+
 def batch_scaled_context(model) -> int | None:
     """The context past which transformers scales a sequence's RoPE by its length, so a batch's by its longest row
     (the largest position id): a dynamic RoPE's original context (`dynamic_context`), or longrope's
