@@ -12,6 +12,7 @@ import transformers
 
 from peftkit.adapters import inject_adapters
 from peftkit.decoding import Sampling, generate_ids
+from peftkit.methods.multitask_prompt_tuning import MultitaskPromptTuningConfig
 from peftkit.methods.prefix_tuning import PrefixTuningConfig
 from peftkit.methods.prompt_tuning import PromptTuningConfig
 from peftkit.rope_scaling import fresh_dynamic_rope, rotation_by_length
@@ -40,24 +41,27 @@ def _tiny(rope: str, tok) -> torch.nn.Module:
         rope_parameters={"rope_theta": 10000.0} | parameters)).eval()
 
 
-def _with_adapter(rope: str, method: str, tok) -> torch.nn.Module:
+def _with_adapter(rope: str, method: str, tok, **settings) -> torch.nn.Module:
     model = _tiny(rope, tok)
-    config = {"prompt_tuning": PromptTuningConfig, "prefix_tuning": PrefixTuningConfig}[method]
+    config = {"prompt_tuning": PromptTuningConfig, "prefix_tuning": PrefixTuningConfig,
+              "multitask_prompt_tuning": MultitaskPromptTuningConfig}[method]
     torch.manual_seed(0)
-    inject_adapters(model, config(method=method, num_virtual_tokens=VIRTUAL))
+    inject_adapters(model, config(method=method, num_virtual_tokens=VIRTUAL, **settings))
     random_adapters(model, seed=1, std=0.3)
     return model
 
 
-def _by_whole_forwards(model, prompts: list[list[int]], pad: int, steps: int, temperature: float = 0.0) -> list:
+def _by_whole_forwards(model, prompts: list[list[int]], pad: int, steps: int, temperature: float = 0.0,
+                       tasks: list[int] | None = None) -> list:
     """Each left-padded row's `steps` new tokens, each from a forward of the whole sequence (no cache), greedy or
-    sampled at `temperature` from the softmax (torch's RNG, as seeded by the caller)."""
+    sampled at `temperature` from the softmax (torch's RNG, as seeded by the caller); `tasks`: each row's task id."""
     width = max(map(len, prompts))
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    extra = {"task_ids": torch.tensor(tasks)} if tasks else {}
     with torch.no_grad(), fresh_dynamic_rope(model):
         for _ in range(steps):
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1].float()
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits[:, -1].float()
             new = torch.multinomial((logits / temperature).softmax(-1), 1)[:, 0] if temperature else logits.argmax(-1)
             ids, mask = torch.cat([ids, new[:, None]], 1), torch.cat([mask, torch.ones_like(new)[:, None]], 1)
     return ids[:, width:].tolist()
@@ -121,4 +125,19 @@ def test_a_left_padded_batch_answers_as_whole_forwards_across_the_switch():
     prompts = [prompt, prompt[-30:]]
     got = generate_ids(model, tok, prompts, Sampling(max_new_tokens=30))
     reference = _by_whole_forwards(model, prompts, tok.pad_token_id, 30)
+    assert got == [_cut(r, {tok.eos_token_id}) for r in reference] and got[0] != got[1]
+
+
+def test_multitask_prompt_tuning_rows_keep_their_tasks_across_the_switch():
+    """Multitask prompt tuning's rows of tasks 2 and 1 (their prompts scaled apart): the steps over the cache and the
+    whole forward at longrope's switch each take the rows' task ids, and the answers are those of whole forwards
+    given them."""
+    tok = build_char_tokenizer()
+    model = _with_adapter("longrope", "multitask_prompt_tuning", tok, num_tasks=3, num_ranks=2)
+    with torch.no_grad():  # the task factors away from their near-identity start
+        for p in model.peftkit_virtual.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.3)
+    prompt = torch.randint(4, 90, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    got = generate_ids(model, tok, [prompt, prompt], Sampling(max_new_tokens=44), tasks=[2, 1])
+    reference = _by_whole_forwards(model, [prompt, prompt], tok.pad_token_id, 44, tasks=[2, 1])
     assert got == [_cut(r, {tok.eos_token_id}) for r in reference] and got[0] != got[1]
