@@ -363,6 +363,18 @@ def check_no_overrides(overrides: list[str], command: str) -> None:
                            "none. Give a RECIPE or run directory first, or drop --set.")
 
 
+def _what_the_directory_holds(directory: Path) -> str:
+    """A hint for a directory given where a run was expected: an adapter's or a model's files say which option takes
+    it (an adapter inside a run: the run above it)."""
+    if (directory / "adapter_config.json").is_file():
+        if (directory.parent / "recipe.yaml").is_file():
+            return f" It holds an adapter of the run {directory.parent}: give that directory."
+        return f" It holds a PEFT adapter: pass it as --adapter {directory} (with --model BASE if its recorded base moved)."
+    if (directory / "config.json").is_file():
+        return f" It holds a model: pass it as --model {directory}."
+    return ""
+
+
 def recipe_source(recipe: Path, overrides: list[str], named: bool = False,
                   trust_remote_code: bool = False) -> tuple[Recipe, str | None]:
     """A recipe file, or a run directory read through its recipe.yaml: (the recipe, the run's adapter/ if it
@@ -379,7 +391,7 @@ def recipe_source(recipe: Path, overrides: list[str], named: bool = False,
     if run_dir is not None:
         if not (run_dir / "recipe.yaml").is_file():
             raise PeftkitError(f"{run_dir} is a directory without recipe.yaml: give a recipe file or a peftkit run "
-                               "directory.")
+                               f"directory.{_what_the_directory_holds(run_dir)}")
         recipe = run_dir / "recipe.yaml"
     adapter = run_dir / "adapter" if run_dir is not None else None
     cfg = load_recipe(recipe, overrides)

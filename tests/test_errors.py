@@ -1465,3 +1465,29 @@ def test_a_missing_recipe_or_run_directory_is_said_so(command, tmp_path):
     assert isinstance(done.exception, PeftkitError), done.output
     assert str(done.exception) == (f"{tmp_path / 'runs' / 'nope'} does not exist: give a recipe file or a peftkit run "
                                    "directory (a recipe's export.output_dir).")
+
+
+def test_a_model_or_adapter_directory_given_as_the_run_says_which_option_takes_it(tiny_llama, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """`peftkit generate artifacts/tiny-llama` or `... runs/quickstart/adapter` (a first try, as with peft's or
+    transformers' from_pretrained(DIR)) said only 'a directory without recipe.yaml': it now names the option that
+    takes the directory, or the run above the adapter. The model hint is followed, and generates."""
+    said = cli_user_error(monkeypatch, capsys, "generate", str(tiny_llama), "--prompt", "12")
+    assert said == (f"error: {tiny_llama} is a directory without recipe.yaml: give a recipe file or a peftkit run "
+                    f"directory. It holds a model: pass it as --model {tiny_llama}.\n")
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    (run / "recipe.yaml").write_text(RECIPE)
+    assert cli_user_error(monkeypatch, capsys, "eval", str(run / "adapter")).endswith(
+        f"directory. It holds an adapter of the run {run}: give that directory.\n")
+    (run / "adapter").rename(tmp_path / "lone")
+    assert cli_user_error(monkeypatch, capsys, "chat", str(tmp_path / "lone")).endswith(
+        f"directory. It holds a PEFT adapter: pass it as --adapter {tmp_path / 'lone'} (with --model BASE if its "
+        "recorded base moved).\n")
+    from peftkit.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["peftkit", "generate", "--model", str(tiny_llama), "--prompt", "12",
+                                      "--max-new-tokens", "2"])
+    main()
+    assert "12" in capsys.readouterr().out
