@@ -18,6 +18,23 @@ HELP = ("Type a message and press Enter. Ctrl-C stops a reply; /reset starts a n
 STOPPED = "(reply stopped: this turn is left out of the conversation)"
 
 
+def unlike_training(data, recipe) -> str | None:
+    """A note for a chat with a run that trained on no conversation (data.format alpaca, completion or text, and no
+    chat dataset in data.train): the chat template wraps each message in turns it never saw, so its replies are
+    noise however well it learnt (the quickstart's number-words run answers '978' with 'eighsixevent').
+
+    Args:
+        data: the recipe's DataConfig.
+        recipe: the recipe file or run directory the user gave, for the command to try instead.
+    """
+    entries = data.train if isinstance(data.train, list) else []
+    chat_data = any(getattr(entry, "format", None) == "chat" for entry in entries)  # (a path is str: no format)
+    if data.format not in ("alpaca", "completion", "text") or chat_data:
+        return None
+    return (f"this run trained on data.format {data.format} rows, not on chat conversations, so its replies through "
+            f"the chat template may be noise. `peftkit generate {recipe} --prompt TEXT` prompts it as training did.")
+
+
 def reply_text(tok, ids: list[int]) -> str:
     """A reply's tokens as text, as streamed and as kept in the conversation: without the "clean-up" of spaces before
     punctuation that some tokenizers ask for (Llama 3's), which would rewrite text already on the screen ("ok !"

@@ -369,7 +369,8 @@ def _what_the_directory_holds(directory: Path) -> str:
     if (directory / "adapter_config.json").is_file():
         if (directory.parent / "recipe.yaml").is_file():
             return f" It holds an adapter of the run {directory.parent}: give that directory."
-        return f" It holds a PEFT adapter: pass it as --adapter {directory} (with --model BASE if its recorded base moved)."
+        return (f" It holds a PEFT adapter: pass it as --adapter {directory} (with --model BASE if its recorded base "
+                "moved).")
     if (directory / "config.json").is_file():
         return f" It holds a model: pass it as --model {directory}."
     return ""

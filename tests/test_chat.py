@@ -298,6 +298,29 @@ def test_a_recipe_s_empty_data_system_prompt_opens_chat_as_it_opened_training(ti
     assert with_empty == asked and without == chat_prompt(tok, [{"role": "user", "content": "hi"}]).text
 
 
+def test_chat_with_a_run_that_trained_on_no_conversation_says_so(tiny_llama, number_data, tmp_path, monkeypatch,
+                                                                 capsys):
+    """`peftkit chat runs/quickstart` (an alpaca run) answered '978' with 'eighsixevent' and said nothing: the chat
+    template wraps messages in turns it never trained on. It now says so before the chat, and what to run instead;
+    a chat run says nothing."""
+    import peftkit.chat
+    from peftkit.cli import main
+    from tests.conftest import make_recipe
+
+    monkeypatch.setattr(peftkit.chat, "chat_loop", lambda *args, **kwargs: None)  # (the note is said before it)
+    for fmt in ("alpaca", "chat"):
+        recipe = make_recipe(tmp_path / fmt, tiny_llama, number_data, data={"format": fmt})
+        monkeypatch.setattr(sys, "argv", ["peftkit", "chat", str(recipe), "--set", "export.output_dir=x"])
+        main()
+        said = capsys.readouterr().err
+        if fmt == "alpaca":
+            assert said == (f"note: this run trained on data.format alpaca rows, not on chat conversations, so its "
+                            f"replies through the chat template may be noise. `peftkit generate {recipe} --prompt "
+                            "TEXT` prompts it as training did.\n")
+        else:
+            assert "note:" not in said
+
+
 def _stream(tok, ids: list[int], texts: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
     """What the streamer printed of `ids` (after a prompt): after each token, and at the end."""
     from peftkit.chat import _Streamer

@@ -319,7 +319,7 @@ def chat(
 
     import torch
 
-    from peftkit.chat import chat_loop
+    from peftkit.chat import chat_loop, unlike_training
     from peftkit.data.checks import guard_token_ids
     from peftkit.data.prompts import chat_prompt
     from peftkit.decoding import Sampling
@@ -343,6 +343,8 @@ def chat(
         from peftkit.start_eval import said
 
         console.print(said(start), markup=False, highlight=False, soft_wrap=True)
+    if cfg is not None and (note := unlike_training(cfg.data, recipe)):
+        err_console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     tok = source.tokenizer()
     if settings is not None:
         warn_arrow_templates(source, named)
