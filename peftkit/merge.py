@@ -328,8 +328,13 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
         check_side_by_side(outputs, requantize)
     protected = {"base model": base or recorded, "adapter": adapter_dir}
     targets = [check_merge_output(out, protected, overwrite) for out in outputs]  # (OUTPUT's rolls back a pair first)
+    given = base
     model, cfg, tok, base, _ = load_adapted_model(base, adapter_dir, merge_device(adapter_dir), trust_remote_code,
                                                   warn_requantized=False)  # merge_device said it
+    if given is not None and recorded and not same_base(given, recorded):  # (a base of other shapes stopped the load)
+        warnings.warn(f"--base {given} is not the base the adapter records (base_model_name_or_path: {recorded}); "
+                      "the merge is right only if it holds the weights the adapter was trained on (a copy, a move).",
+                      MergeWarning, stacklevel=2)
     if (template := adapter_template(adapter_dir)) is not None:  # the run's data.chat_template: the merged model's
         tok.chat_template = template
     merged = merged_model(model, cfg if task is None else cfg.model_copy(update={"merge_task": task}),

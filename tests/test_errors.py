@@ -1131,6 +1131,28 @@ def test_a_base_changed_since_the_run_is_said_by_eval_generate_and_merge(tiny_ll
     assert "has changed since" not in said(["eval", str(run), "--model", str(tiny_llama)])  # another base, as given
 
 
+def test_a_merge_onto_a_base_other_than_the_recorded_one_warns(tiny_llama, tmp_path):
+    """`peftkit merge --adapter runs/quickstart/adapter --base OTHER`, OTHER a Llama of the same shapes and other
+    weights, wrote a merged model without a word; it now warns, naming both bases. The recorded base, given by
+    another path to the same directory, merges without it."""
+    from peftkit.merge import merge_adapter
+    from peftkit.merge_weights import MergeWarning
+    from peftkit.methods.lora import LoraConfig
+    from tests.conftest import save_random_adapter
+
+    adapter = save_random_adapter(tiny_llama, LoraConfig(r=2, target_modules=["q_proj"]), tmp_path / "lora", seed=1)
+    other = tmp_path / "other"
+    build_tiny_model(other, hidden_size=32, seed=1)  # tiny_llama's shapes, its seed 0's weights redrawn
+    with pytest.warns(MergeWarning) as said:
+        merge_adapter(str(adapter), str(tmp_path / "merged"), base=str(other))
+    assert [str(w.message) for w in said] == [
+        f"--base {other} is not the base the adapter records (base_model_name_or_path: {tiny_llama}); the merge is "
+        "right only if it holds the weights the adapter was trained on (a copy, a move)."]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MergeWarning)
+        merge_adapter(str(adapter), str(tmp_path / "merged-2"), base=str(tiny_llama / ".." / tiny_llama.name))
+
+
 def test_the_base_check_hashes_a_file_once_and_skips_a_hub_base_not_fetched_yet(tmp_path):
     """An 8B base took ~11 s to hash at every eval, generate or merge: a file's hash is kept under its path, size,
     time and inode and read back while they hold. A hub base not in the cache yet was "gone" file by file (every
