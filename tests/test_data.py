@@ -1562,7 +1562,8 @@ def test_reading_a_csv_prints_no_progress_bar_of_the_datasets_library(tmp_path, 
 def test_a_row_missing_a_field_its_data_names_otherwise_is_told_of_data_columns(tmp_path):
     """A file of `question`/`answer` rows read as alpaca said `missing field 'instruction'` and offered data.format
     and on_bad_rows, neither of which reads it; data.columns does, and the error now says so where the row has
-    columns the format does not read."""
+    columns the format does not read: for every field the row lacks (instruction and output, one edit, where the
+    hint named the instruction alone and the next run stopped at the output)."""
     from peftkit.errors import PeftkitError
 
     path = tmp_path / "qa.jsonl"
@@ -1571,8 +1572,8 @@ def test_a_row_missing_a_field_its_data_names_otherwise_is_told_of_data_columns(
         load_examples(TOK, str(path), "train", DataConfig(train="x"))
     said = " ".join(str(err.value).split())
     assert said.startswith(f"{path}:1: missing field 'instruction' for data.format 'alpaca'"), said
-    assert said.endswith("If one of its columns (question, answer) is the instruction, a recipe's data.columns reads "
-                         "it: {instruction: COLUMN}."), said
+    assert said.endswith("If its columns (question, answer) hold the instruction and output, a recipe's data.columns "
+                         "reads them: {instruction: COLUMN, output: COLUMN}."), said
     mapped = DataConfig(train="x", columns={"instruction": "question"})  # mapped: the missing field is output
     with pytest.raises(PeftkitError) as err:
         load_examples(TOK, str(path), "train", mapped)

@@ -59,8 +59,13 @@ def columns_hint(problem: str, row: object, cfg: DataConfig, key: str) -> str:
     others = [column for column in row if column not in known] if isinstance(row, dict) else []
     if not missing or missing[1] in cfg.columns or not others:
         return ""
-    return (f" If one of its columns ({', '.join(others)}) is the {missing[1]}, a recipe's {key} reads it: "
-            f"{{{missing[1]}: COLUMN}}.")
+    # every field the row lacks, so that one edit maps them all (question/answer rows lack instruction and output)
+    fields = [f for f in REQUIRED_FIELDS.get(cfg.format, ()) if f not in row and f not in cfg.columns] or [missing[1]]
+    if len(fields) == 1:
+        return (f" If one of its columns ({', '.join(others)}) is the {fields[0]}, a recipe's {key} reads it: "
+                f"{{{fields[0]}: COLUMN}}.")
+    return (f" If its columns ({', '.join(others)}) hold the {' and '.join(fields)}, a recipe's {key} reads them: "
+            f"{{{', '.join(f'{field}: COLUMN' for field in fields)}}}.")
 
 
 def format_note(cfg: DataConfig, format_key: str) -> str:
